@@ -107,7 +107,134 @@ def matvec_ceiling(model, steps, device, layout="in,out"):
     return steps / best_of(3, one_pass, device)
 
 
-BENCHES = {"gen": bench_gen}
+# ---------------------------------------------------------------------------
+# lora
+# ---------------------------------------------------------------------------
+
+def cola_train(args):
+    from utils import TokenizedSplit, load_cola
+    if not os.path.isfile(os.path.join(args.data_dir, "in_domain_train.tsv")) and \
+            not os.path.isfile(os.path.join(args.data_dir, "train.tsv")):
+        sys.exit(f"bench: no CoLA in {args.data_dir}; pass --data-dir DIR")
+    train, val = load_cola(args.data_dir)
+    return TokenizedSplit(train), TokenizedSplit(val)
+
+
+def bench_lora(args):
+    """One epoch (or --max-steps batches) of CoLA, gpt2 shape with random weights,
+    rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32."""
+    import math
+
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from model import GPT, GPTConfig, GPTClassifier, LORA_TARGETS, add_lora
+    from train_utils import TrainConfig, autocast_for, make_training, set_trainable, train_epoch
+    device = torch.device(args.device)
+    batch_size = args.batch_size or 32
+    train_set, _ = cola_train(args)
+    steps = math.ceil(len(train_set) / batch_size)
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+
+    # ours: length-grouped batches, no attention mask needed
+    torch.manual_seed(0)
+    classifier = GPTClassifier(add_lora(GPT(GPTConfig()), LORA_TARGETS, rank=4, alpha=8))
+    set_trainable(classifier)
+    classifier.to(device)
+    generator = torch.Generator().manual_seed(0)
+    ours_batches = train_set.batches(batch_size, shuffle=True, generator=generator)[:steps]
+    params, optimizer, scheduler = make_training(classifier, cfg, steps)
+    start = time.perf_counter()
+    train_epoch(classifier, ours_batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip)
+    sync(device)
+    t_ours = time.perf_counter() - start
+    n_ours = sum(len(b.labels) for b in ours_batches)
+    del classifier, optimizer
+
+    # reference: transformers + peft, batched as its users do (random order, padded
+    # per batch to the longest sentence, attention mask), same optimiser and clipping
+    torch.manual_seed(0)
+    hf = GPT2ForSequenceClassification(GPT2Config(pad_token_id=50256, num_labels=2))
+    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0,
+                             target_modules=list(LORA_TARGETS), fan_in_fan_out=True)
+    reference = get_peft_model(hf, peft_config).to(device)
+    reference.train()
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    ref_optimizer = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.01)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
+    ref_batches = []
+    for i in range(0, min(len(order), steps * batch_size), batch_size):
+        batch = train_set.make_batch(order[i:i + batch_size])
+        mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
+        ref_batches.append((batch.idx, mask, batch.labels))
+    start = time.perf_counter()
+    for idx, mask, labels in ref_batches:
+        with autocast_for(device):
+            loss = reference(input_ids=idx.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        ref_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        ref_optimizer.step()
+        loss.item()
+    sync(device)
+    t_ref = time.perf_counter() - start
+    n_ref = sum(len(b[2]) for b in ref_batches)
+    tokens_ours = sum(b.idx.numel() for b in ours_batches)
+    tokens_ref = sum(b[0].numel() for b in ref_batches)
+    print(f"device: {device_name(device)}")
+    print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, gpt2 shape, batch {batch_size}, {len(ours_batches)} steps "
+          f"({'full epoch' if len(ours_batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
+    print(f"transformers + peft: {n_ref / t_ref:.1f} sentences/s ({tokens_ref} token slots incl. padding)")
+    print(f"ours:                {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. padding)")
+    return {"bench": "lora", "device": device.type, "ours": n_ours / t_ours, "reference": n_ref / t_ref,
+            "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(ours_batches)}
+
+
+# ---------------------------------------------------------------------------
+# distil
+# ---------------------------------------------------------------------------
+
+def bench_distil(args):
+    """Seconds per distil epoch (teacher logits already computed) over seconds per
+    rnn epoch: the same student, data, batches and batch size."""
+    from model import DistilRNN, RNNConfig
+    from train_utils import TrainConfig, cross_entropy_loss, distillation_loss, make_training, train_epoch
+    device = torch.device(args.device)
+    batch_size = args.batch_size or 128
+    train_set, _ = cola_train(args)
+    # the teacher's logits, as the cache holds them: any (N, 2) array costs the same
+    teacher_logits = torch.randn(len(train_set), 2, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def kd_loss(logits, batch):
+        return distillation_loss(logits, teacher_logits[batch.rows.to(device)], batch.labels, 0.5, 2.0)
+
+    def epoch_seconds(loss_fn):
+        torch.manual_seed(0)
+        student = DistilRNN(RNNConfig()).to(device)
+        cfg = TrainConfig(epochs=1, batch_size=batch_size)
+        batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        params, optimizer, scheduler = make_training(student, cfg, len(batches))
+        start = time.perf_counter()
+        train_epoch(student, batches, optimizer, scheduler, params, device, loss_fn)
+        sync(device)
+        return time.perf_counter() - start
+
+    epoch_seconds(cross_entropy_loss)  # warm-up
+    t_rnn, t_distil = [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        t_rnn.append(epoch_seconds(cross_entropy_loss))
+        t_distil.append(epoch_seconds(kd_loss))
+    print(f"device: {device_name(device)}")
+    print(f"DistilRNN defaults, batch {batch_size}, one CoLA epoch, best of {args.repeats}")
+    print(f"rnn epoch:    {min(t_rnn):.2f} s")
+    print(f"distil epoch: {min(t_distil):.2f} s (teacher logits cached)")
+    return {"bench": "distil", "device": device.type, "ours": min(t_distil), "reference": min(t_rnn),
+            "ratio": min(t_distil) / min(t_rnn)}
+
+
+BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil}
 
 
 def main():

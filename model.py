@@ -48,6 +48,14 @@ HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt
            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
+def _init_normal(tensor, std=0.02):
+    """GPT-2's initialisation; skipped on the meta device, where from_pretrained
+    builds the model before adopting the checkpoint's tensors (and where init
+    would only cost time)."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, std=std)
+
+
 class Linear(nn.Module):
     """nn.Linear's maths with the weight stored transposed, (in, out), as the GPT-2
     checkpoints store it (their "Conv1D"). Batch-1 decoding multiplies one row
@@ -60,7 +68,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        nn.init.normal_(self.weight, std=0.02)  # GPT-2's initialisation
+        _init_normal(self.weight)
 
     def forward(self, x):
         if self.bias is None:
@@ -77,7 +85,7 @@ class TiedEmbedding(nn.Module):
     def __init__(self, vocab_size, n_embd):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_embd, vocab_size))
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def forward(self, idx):
         return self.weight.t()[idx]
@@ -167,7 +175,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        nn.init.normal_(self.transformer.wpe.weight, std=0.02)  # GPT-2's initialisation
+        _init_normal(self.transformer.wpe.weight)
 
     def hidden_states(self, idx, cache=None):
         """Final (layer-normed) hidden states, shape (B, T, n_embd)."""

@@ -8,7 +8,8 @@ import codecs
 import os
 import sys
 
-from model import EOT_TOKEN, PRESETS, WeightsError
+from model import EOT_TOKEN, HUB_IDS, LORA_TARGETS, PRESETS, WeightsError
+from train_utils import CheckpointError
 from utils import UserError, info
 
 MODES = ("gen", "LoRA", "rnn", "distil", "predict", "eval")
@@ -55,7 +56,80 @@ def build_parser():
     gen.add_argument("--num-samples", type=int, default=1, help="samples to generate, as one batch (default 1)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
     add_common(gen)
+
+    lora = modes.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
+    add_gpt_source(lora)
+    add_training(lora, out_dir="runs/LoRA", lr=1e-3)
+    lora.add_argument("--lora-rank", type=int, default=4, help="rank r of the adapters (default 4)")
+    lora.add_argument("--lora-alpha", type=float, default=8.0, help="scaling numerator: update * alpha/r (default 8)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                      help=f"comma list of layers to adapt in every block (default {','.join(LORA_TARGETS)})")
+    lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
+
+    for mode, help_text in (("rnn", "train the DistilRNN on CoLA labels alone (the baseline)"),
+                            ("distil", "distil a fine-tuned GPT-2 teacher into the DistilRNN")):
+        p = modes.add_parser(mode, help=help_text)
+        add_training(p, out_dir=f"runs/{mode}", lr=1e-3)
+        add_student(p)
+        add_gpt_source(p)  # GPT-2 for --init-embeddings gpt2, and the teacher's base in distil
+        if mode == "distil":
+            source = p.add_mutually_exclusive_group()
+            source.add_argument("--teacher", default=None, metavar="DIR",
+                                help="a LoRA run's out dir (default runs/LoRA)")
+            source.add_argument("--teacher-logits", metavar="FILE",
+                                help="distil from any teacher: .npy of shape (training sentences, 2)")
+            p.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
+            p.add_argument("--kd-alpha", type=float, default=0.5,
+                           help="weight of the teacher term; 0 = labels only, i.e. rnn (default 0.5)")
+            p.add_argument("--kd-loss", choices=("kl", "mse"), default="kl",
+                           help="kl on softened probabilities (Hinton) or mse on logits (Tang) (default kl)")
+
+    predict = modes.add_parser("predict", help="classify sentences with a trained checkpoint")
+    predict.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
+    predict.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences (default: one per line on stdin)")
+    add_common(predict)
+
+    evaluate = modes.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
+    evaluate.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
+    evaluate.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
+    evaluate.add_argument("--data-dir", default="data", help="CoLA directory (default data/)")
+    evaluate.add_argument("--val-split", default="in", choices=("in", "out", "all"))
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
+    add_common(evaluate)
     return parser
+
+
+def add_training(p, out_dir, lr):
+    p.add_argument("--data-dir", default="data", help="CoLA: release or GLUE .tsv files (default data/, "
+                                                      "else the nyu-mll/glue hub copy)")
+    p.add_argument("--val-split", default="in", choices=("in", "out", "all"), help="validation set (default in)")
+    p.add_argument("--out-dir", default=out_dir, help=f"where metrics and weights go (default {out_dir})")
+    p.add_argument("--plots-dir", default="plots", help="where the PNG plots go (default plots/)")
+    p.add_argument("--epochs", type=int, default=5, help="default 5")
+    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default="adamw", help="default adamw")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="adamw's decoupled weight decay (default 0.01)")
+    p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default 0.06)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common(p)
+
+
+def add_student(p):
+    p.add_argument("--rnn-type", choices=("rnn", "gru", "lstm"), default="rnn", help="default rnn (ReLU)")
+    p.add_argument("--rnn-layers", type=int, default=2, help="default 2")
+    p.add_argument("--rnn-hidden", type=int, default=768, help="default 768")
+    p.add_argument("--rnn-embd", type=int, default=768, help="token embedding size (default 768)")
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--rnn-dropout", type=float, default=0.0, help="dropout between RNN layers (default 0)")
+    p.add_argument("--init-embeddings", choices=("random", "gpt2"), default="random",
+                   help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant), "
+                        "projected if sizes differ")
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +153,7 @@ def validate_gen(args):
         raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - and text on stdin)")
 
 
-def load_gpt(args, device):
+def load_gpt(args, device="cpu"):
     from model import GPT
     if args.weights:
         source = args.weights
@@ -133,14 +207,261 @@ def run_gen(args):
     out.flush()
 
 
-RUNNERS = {"gen": run_gen}
+# ---------------------------------------------------------------------------
+# Training modes: LoRA, rnn, distil
+# ---------------------------------------------------------------------------
+
+def validate_training(args):
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.grad_clip < 0 or args.weight_decay < 0:
+        raise UserError("--grad-clip and --weight-decay must be >= 0")
+
+
+def train_config(args):
+    from train_utils import TrainConfig
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
+                       seed=args.seed)
+
+
+def load_data(args, block_size=1024):
+    from utils import TokenizedSplit, load_cola
+    train, val = load_cola(args.data_dir, args.val_split)
+    info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
+    return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
+
+
+def run_record(args, model, device, data):
+    """The parts of metrics.json that describe the run: what, with what, on what."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+    from utils import file_sha256s
+    return {"mode": args.mode, "args": {k: v for k, v in vars(args).items() if k != "mode"},
+            "params": {"total": sum(p.numel() for p in model.parameters()),
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "environment": {"seed": args.seed, "device": str(device), "python": platform.python_version(),
+                            "torch": torch.__version__, "numpy": version("numpy"),
+                            "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),
+                            "data_sha256": file_sha256s([split.split.source for split in data])},
+            "epochs": [], "best_epoch": None}
+
+
+def train_and_report(args, model, device, data, record, save_best, loss_fn=None, epoch_extra=None):
+    """The shared tail of every training mode: fit, keep the best epoch's weights,
+    write metrics.json after every epoch, plot."""
+    from train_utils import best_epoch, cross_entropy_loss, fit, plot_history, save_json
+    train_set, val_set = data
+    params = record["params"]
+    info(f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
+         f"({100 * (1 - params['trainable'] / params['total']):.2f}% fewer to train)")
+    metrics_path = os.path.join(args.out_dir, "metrics.json")
+
+    def on_epoch_end(epoch_record, is_best, val):
+        if epoch_extra is not None:
+            epoch_record.update(epoch_extra(val))
+        record["epochs"].append(epoch_record)
+        if is_best:
+            save_best(epoch_record)
+        record["best_epoch"] = best_epoch(record["epochs"])
+        save_json(metrics_path, record)
+
+    fit(model, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
+        on_epoch_end=on_epoch_end, progress=not args.no_progress)
+    run_name = os.path.basename(os.path.normpath(args.out_dir))
+    plot_path = os.path.join(args.plots_dir, f"{args.mode}_{run_name}.png")
+    plot_history(record["epochs"], plot_path, f"{args.mode} ({run_name})")
+    best = record["epochs"][record["best_epoch"] - 1]
+    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
+         f"wrote {metrics_path} and {plot_path}")
+    return record
+
+
+def prepare(args):
+    from utils import resolve_device, seed_everything
+    validate_training(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    return device
+
+
+def run_lora(args):
+    from model import GPTClassifier, add_lora
+    from train_utils import save_lora_adapter, set_trainable
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets:
+        raise UserError(f"unknown --lora-targets {','.join(bad) or '(empty)'}; choose from {','.join(LORA_TARGETS)}")
+    if args.lora_rank < 1:
+        raise UserError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    device = prepare(args)
+    gpt = load_gpt(args, device="cpu")
+    data = load_data(args, gpt.config.block_size)
+    add_lora(gpt, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    classifier = GPTClassifier(gpt)
+    set_trainable(classifier, args.train_layernorm)
+    classifier.to(device)
+    base = os.path.abspath(args.weights) if args.weights else HUB_IDS[args.gpt_variant]
+    lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                train_layernorm=args.train_layernorm)
+    record = run_record(args, classifier, device, data)
+    record["lora"] = {**lora, "base": base}
+
+    def save_best(_):
+        save_lora_adapter(classifier, os.path.join(args.out_dir, "adapter"), base, lora)
+    train_and_report(args, classifier, device, data, record, save_best)
+
+
+def build_student(args, vocab_size, gpt=None):
+    """A fresh DistilRNN, its embeddings optionally initialised from GPT-2's."""
+    import torch
+    from model import DistilRNN, RNNConfig
+    for flag, value in (("--rnn-layers", args.rnn_layers), ("--rnn-hidden", args.rnn_hidden),
+                        ("--rnn-embd", args.rnn_embd)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.rnn_dropout < 1:
+        raise UserError(f"--rnn-dropout must be in [0, 1), got {args.rnn_dropout}")
+    student = DistilRNN(RNNConfig(vocab_size=vocab_size, n_embd=args.rnn_embd, rnn_type=args.rnn_type,
+                                  n_layers=args.rnn_layers, hidden=args.rnn_hidden,
+                                  bidirectional=args.bidirectional, dropout=args.rnn_dropout))
+    if args.init_embeddings == "gpt2":
+        token_embeddings = gpt.transformer.wte.weight.detach().t().float()  # (vocab, n_embd)
+        if token_embeddings.size(1) != args.rnn_embd:
+            # keep the directions along which GPT-2's embeddings vary most (PCA)
+            centred = token_embeddings - token_embeddings.mean(0)
+            _, _, v = torch.linalg.svd(centred, full_matrices=False)
+            token_embeddings = centred @ v[:args.rnn_embd].t()
+            if token_embeddings.size(1) < args.rnn_embd:
+                raise UserError(f"--rnn-embd {args.rnn_embd} exceeds GPT-2's embedding size "
+                                f"{gpt.config.n_embd}; --init-embeddings gpt2 can only shrink it")
+        with torch.no_grad():
+            student.embedding.weight.copy_(token_embeddings)
+    return student
+
+
+def run_rnn(args, teacher=None):
+    """rnn mode, and the student half of distil (teacher = a Teacher, or None)."""
+    from train_utils import save_student
+    from utils import seed_everything
+    device = prepare(args)
+    data = load_data(args)
+    gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
+    loss_fn, epoch_extra, extra_record = None, None, {}
+    if teacher is not None:
+        loss_fn, epoch_extra, extra_record = teacher.prepare(args, data, device)
+    # Seeded right before the student is built, so rnn and distil start from the same
+    # weights and see the same batches whatever the teacher did with the RNG.
+    seed_everything(args.seed)
+    student = build_student(args, vocab_size=50257, gpt=gpt).to(device)
+    del gpt
+    record = run_record(args, student, device, data)
+    record.update(extra_record)
+
+    def save_best(_):
+        save_student(student, args.out_dir, {"trained_by": args.mode})
+    train_and_report(args, student, device, data, record, save_best, loss_fn, epoch_extra)
+    plot_rnn_vs_distil(args)
+
+
+def plot_rnn_vs_distil(args):
+    """When the rnn and distil runs side by side both exist, compare them in one plot."""
+    import json
+
+    from train_utils import plot_comparison
+    parent = os.path.dirname(os.path.normpath(args.out_dir))
+    runs = {}
+    for mode in ("rnn", "distil"):
+        path = os.path.join(args.out_dir if mode == args.mode else os.path.join(parent, mode), "metrics.json")
+        try:
+            with open(path) as f:
+                runs[mode] = json.load(f)["epochs"]
+        except (OSError, ValueError, KeyError):
+            return
+    path = os.path.join(args.plots_dir, "rnn_vs_distil.png")
+    plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from GPT-2 (distil)")
+    info(f"wrote {path}")
+
+
+def run_distil(args):
+    from train_utils import Teacher
+    if args.kd_temperature <= 0:
+        raise UserError(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+    if not 0 <= args.kd_alpha <= 1:
+        raise UserError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
+    if args.teacher_logits is None and args.teacher is None:
+        args.teacher = "runs/LoRA"
+    run_rnn(args, Teacher(args.teacher, args.teacher_logits, args.weights))
+
+
+# ---------------------------------------------------------------------------
+# predict and eval
+# ---------------------------------------------------------------------------
+
+def run_predict(args):
+    import torch
+    from train_utils import load_classifier
+    from utils import Split, TokenizedSplit, resolve_device
+    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
+    sentences = [s for s in sentences if s.strip()]
+    if not sentences:
+        raise UserError("no sentences given; pass them as arguments or one per line on stdin")
+    device = resolve_device(args.device)
+    model, description = load_classifier(args.checkpoint, args.weights)
+    info(f"classifier: {description}")
+    model.to(device)
+    tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"))
+    probabilities = torch.empty(len(sentences))
+    with torch.no_grad():
+        for batch in tokenized.batches(args.batch_size):
+            batch_on_device = batch.to(device)
+            logits = model(batch_on_device.idx, batch_on_device.lengths).float()
+            probabilities[batch.rows] = logits.softmax(-1)[:, 1].cpu()
+    for sentence, p in zip(sentences, probabilities.tolist()):
+        print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
+
+
+def run_eval(args):
+    from train_utils import evaluate, load_classifier, save_json
+    from utils import TokenizedSplit, load_cola, resolve_device
+    device = resolve_device(args.device)
+    model, description = load_classifier(args.checkpoint, args.weights)
+    model.to(device)
+    _, val = load_cola(args.data_dir, args.val_split)
+    result = evaluate(model, TokenizedSplit(val).batches(args.batch_size), device)
+    (tn, fp), (fn, tp) = result["confusion"]
+    print(f"checkpoint: {args.checkpoint} ({description})")
+    print(f"data: {val.source} ({result['n']} sentences)")
+    print(f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  MCC {result['mcc']:.4f}")
+    print("confusion (rows: true label, columns: predicted)")
+    print(f"            pred 0  pred 1\ntrue 0  {tn:>8} {fp:>7}\ntrue 1  {fn:>8} {tp:>7}")
+    output = args.output or os.path.join(args.checkpoint, f"eval_{args.val_split}.json")
+    save_json(output, {"checkpoint": args.checkpoint, "data": val.source, "n": result["n"], "loss": result["loss"],
+                       "acc": result["acc"], "mcc": result["mcc"],
+                       "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}})
+    info(f"wrote {output}")
+
+
+RUNNERS = {"gen": run_gen, "LoRA": run_lora, "rnn": run_rnn, "distil": run_distil,
+           "predict": run_predict, "eval": run_eval}
 
 
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         RUNNERS[args.mode](args)
-    except (UserError, WeightsError) as e:
+    except (UserError, WeightsError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

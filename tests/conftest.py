@@ -1,0 +1,121 @@
+"""Shared fixtures: randomly initialised GPT-2 checkpoints in Hugging Face format.
+
+Every checkpoint is built with transformers' own GPT2LMHeadModel and written with
+its save_pretrained (or torch.save for the legacy .bin form), so the tests check
+model.py against the reference implementation, never against itself.
+"""
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+# Quiet, offline and deterministic before transformers / huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread: on a small shared CPU, torch's OpenMP threads spin against any other
+# busy process and tiny models run ~30x slower. Subprocesses inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if PROJECT_ROOT not in sys.path:
+    sys.path.insert(0, PROJECT_ROOT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+EOT = 50256
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257,
+            # wider than GPT-2's 0.02 so that logits are spread out (std ~0.8) and greedy
+            # choices are never decided by float noise between two implementations
+            initializer_range=0.1)
+
+
+def seed_all(seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Checkpoint:
+    path: str     # directory with config.json + weights
+    hf: object    # the transformers GPT2LMHeadModel that was saved there (eval mode)
+
+
+def _hf_model(seed, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    seed_all(seed)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def _save(hf, path):
+    hf.save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "model.safetensors")), os.listdir(path)
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    return Checkpoint(str(path), hf)
+
+
+@pytest.fixture(autouse=True)
+def _seed_each_test():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    seed_all(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Tiny GPT-2 (2 layers, 64 wide, 128 positions, full 50257 vocabulary)."""
+    return _save(_hf_model(1234, **TINY), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_ckpt(tmp_path_factory):
+    """The real gpt2 (124M) shape, random weights: GPT2Config() defaults."""
+    return _save(_hf_model(4321), tmp_path_factory.mktemp("gpt2shape"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bin_ckpt(tmp_path_factory):
+    """Tiny checkpoint as a legacy pytorch_model.bin, in the layout of the original
+    OpenAI upload on the hub: GPT2Model keys (no "transformer." prefix, no lm_head)
+    plus the attn.bias / attn.masked_bias buffers that old transformers saved."""
+    from transformers import GPT2Config
+    hf = _hf_model(99, **TINY)
+    path = tmp_path_factory.mktemp("tiny_bin")
+    n = TINY["n_positions"]
+    state = {}
+    for key, tensor in hf.state_dict().items():
+        if key.startswith("transformer."):
+            state[key[len("transformer."):]] = tensor.clone()
+    for layer in range(TINY["n_layer"]):
+        state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    GPT2Config(**TINY).save_pretrained(path)
+    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
+    return Checkpoint(str(path), hf)
+
+
+@pytest.fixture(scope="session")
+def eot_ckpt(tmp_path_factory):
+    """Tiny checkpoint whose every next-token prediction is <|endoftext|>: ln_f
+    outputs its bias b whatever the input, and wte's row 50256 is 100 * b, so the
+    logit of 50256 is 100 |b|^2 against roughly N(0, |b| * 0.1) for the others."""
+    hf = _hf_model(7, **TINY)
+    with torch.no_grad():
+        b = torch.randn(TINY["n_embd"])
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(b)
+        hf.transformer.wte.weight[EOT] = 100 * b
+    return _save(hf, tmp_path_factory.mktemp("tiny_eot"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tiny_ckpt):
+    """Our GPT loaded from tiny_ckpt. Shared: tests must not modify it."""
+    import model
+    return model.GPT.from_pretrained(tiny_ckpt.path)
