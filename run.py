@@ -9,7 +9,7 @@ import os
 import sys
 
 from model import EOT_TOKEN, HUB_IDS, LORA_TARGETS, PRESETS, WeightsError
-from train_utils import CheckpointError
+from train_utils import CheckpointError, Interrupted
 from utils import UserError, info
 
 MODES = ("gen", "LoRA", "rnn", "distil", "predict", "eval")
@@ -100,6 +100,10 @@ def build_parser():
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
     add_common(evaluate)
+
+    report = modes.add_parser("tune-report", help="a --tune table sorted by validation MCC, and its plot")
+    report.add_argument("table", help="e.g. tuning/LoRA.tsv")
+    report.add_argument("--plots-dir", default="plots")
     return parser
 
 
@@ -117,6 +121,13 @@ def add_training(p, out_dir, lr):
     p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default 0.06)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last full epoch")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs of this call, resumable later (as if killed there)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
+                                                  "and appends a row per run to TUNING_DIR/<mode>.tsv")
+    p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
     add_common(p)
 
 
@@ -254,27 +265,45 @@ def run_record(args, model, device, data):
             "epochs": [], "best_epoch": None}
 
 
+# Flags that steer a run without changing what it computes: they may differ on --resume.
+RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
+               "compile")
+
+
 def train_and_report(args, model, device, data, record, save_best, loss_fn=None, epoch_extra=None):
     """The shared tail of every training mode: fit, keep the best epoch's weights,
-    write metrics.json after every epoch, plot."""
+    write metrics.json (and the resumable state) after every epoch, plot."""
     from train_utils import best_epoch, cross_entropy_loss, fit, plot_history, save_json
+    from utils import is_main_process
     train_set, val_set = data
     params = record["params"]
     info(f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
          f"({100 * (1 - params['trainable'] / params['total']):.2f}% fewer to train)")
     metrics_path = os.path.join(args.out_dir, "metrics.json")
 
-    def on_epoch_end(epoch_record, is_best, val):
+    def on_epoch_end(history, is_best, val):
         if epoch_extra is not None:
-            epoch_record.update(epoch_extra(val))
-        record["epochs"].append(epoch_record)
+            history[-1].update(epoch_extra(val))
         if is_best:
-            save_best(epoch_record)
-        record["best_epoch"] = best_epoch(record["epochs"])
+            save_best(history[-1])
+        record["epochs"] = history
+        record["best_epoch"] = best_epoch(history)
         save_json(metrics_path, record)
 
-    fit(model, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
-        on_epoch_end=on_epoch_end, progress=not args.no_progress)
+    signature = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    trained = model
+    if args.compile:
+        import torch
+        trained = torch.compile(model)
+    history = fit(trained, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
+                  on_epoch_end=on_epoch_end, progress=not args.no_progress,
+                  state_path=os.path.join(args.out_dir, "resume_state.pt"), resume=args.resume,
+                  signature=signature, stop_after=args.stop_after)
+    if not is_main_process():
+        return record
+    if len(history) < args.epochs:
+        info(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with --resume")
+        return record
     run_name = os.path.basename(os.path.normpath(args.out_dir))
     plot_path = os.path.join(args.plots_dir, f"{args.mode}_{run_name}.png")
     plot_history(record["epochs"], plot_path, f"{args.mode} ({run_name})")
@@ -285,9 +314,14 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
 
 
 def prepare(args):
-    from utils import resolve_device, seed_everything
+    """Validate, pick the device (joining torchrun's process group if there is
+    one) and seed everything from --seed."""
+    from utils import init_distributed, resolve_device, seed_everything, world
     validate_training(args)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
+    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume_state.pt")):
+        raise UserError(f"--resume: {args.out_dir} has no resume_state.pt; nothing to resume "
+                        "(drop --resume to start anew)")
     seed_everything(args.seed)
     return device
 
@@ -354,13 +388,17 @@ def build_student(args, vocab_size, gpt=None):
 def run_rnn(args, teacher=None):
     """rnn mode, and the student half of distil (teacher = a Teacher, or None)."""
     from train_utils import save_student
-    from utils import seed_everything
+    from utils import barrier, is_main_process, seed_everything
     device = prepare(args)
     data = load_data(args)
     gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
     loss_fn, epoch_extra, extra_record = None, None, {}
     if teacher is not None:
+        if not is_main_process():
+            barrier()  # let rank 0 fill the teacher cache, then read it
         loss_fn, epoch_extra, extra_record = teacher.prepare(args, data, device)
+        if is_main_process():
+            barrier()
     # Seeded right before the student is built, so rnn and distil start from the same
     # weights and see the same batches whatever the teacher did with the RNG.
     seed_everything(args.seed)
@@ -371,8 +409,9 @@ def run_rnn(args, teacher=None):
 
     def save_best(_):
         save_student(student, args.out_dir, {"trained_by": args.mode})
-    train_and_report(args, student, device, data, record, save_best, loss_fn, epoch_extra)
-    plot_rnn_vs_distil(args)
+    record = train_and_report(args, student, device, data, record, save_best, loss_fn, epoch_extra)
+    if is_main_process() and len(record["epochs"]) == args.epochs:
+        plot_rnn_vs_distil(args)
 
 
 def plot_rnn_vs_distil(args):
@@ -453,19 +492,147 @@ def run_eval(args):
     info(f"wrote {output}")
 
 
+# ---------------------------------------------------------------------------
+# Sweeps: --tune and tune-report
+# ---------------------------------------------------------------------------
+
+TUNE_COLUMNS = ("settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir", "fixed")
+
+
+def parse_grid(text, parser):
+    """'lr=1e-3,3e-4 lora_rank=4,8' -> [('lr', ['1e-3', '3e-4']), ('lora_rank', ['4', '8'])],
+    every name checked against the mode's flags."""
+    grid = []
+    for item in text.split():
+        name, _, values = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        action = parser._option_string_actions.get("--" + name)
+        if not values or action is None or name in RUN_CONTROL:
+            raise UserError(f"--tune: {item!r} is not FLAG=V1,V2,... with a training flag of "
+                            f"{parser.prog} (e.g. lr=1e-3,3e-4)")
+        grid.append((name, [v for v in values.split(",") if v], action))
+    if not grid:
+        raise UserError('--tune needs at least one FLAG=V1,V2 (e.g. --tune "lr=1e-3,3e-4")')
+    return grid
+
+
+def run_tune(args, argv):
+    import csv
+    import itertools
+    import json
+    parser = build_parser()
+    mode_parser = parser._subparsers._group_actions[0].choices[args.mode]
+    grid = parse_grid(args.tune, mode_parser)
+    varied = {name for name, _, _ in grid}
+    fixed = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in varied and k not in RUN_CONTROL},
+                       sort_keys=True)
+    table = os.path.join(args.tuning_dir, f"{args.mode}.tsv")
+    done = set()
+    if os.path.isfile(table):
+        with open(table, newline="") as f:
+            done = {(row["settings"], row["fixed"]) for row in csv.DictReader(f, delimiter="\t")}
+    base_argv = drop_flag(argv, "--tune")
+    for values in itertools.product(*[v for _, v, _ in grid]):
+        settings = " ".join(f"{name}={value}" for (name, _, _), value in zip(grid, values))
+        if (settings, fixed) in done:
+            info(f"tune: {settings} already in {table}, skipped")
+            continue
+        run_argv = list(base_argv)
+        for (name, _, action), value in zip(grid, values):
+            run_argv = drop_flag(run_argv, "--" + name)
+            if action.nargs == 0:  # a switch: name=true / name=false
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise UserError(f"--tune: {name} is a switch; use {name}=true,false")
+                run_argv += ["--" + name] if value.lower() in ("true", "1") else []
+            else:
+                run_argv += ["--" + name, value]
+        out_dir = os.path.join(args.out_dir, settings.replace(" ", "_").replace("=", "-"))
+        run_args = parser.parse_args(drop_flag(run_argv, "--out-dir") + ["--out-dir", out_dir])
+        info(f"tune: {settings} -> {out_dir}")
+        RUNNERS[args.mode](run_args)
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        best = metrics["epochs"][metrics["best_epoch"] - 1]
+        row = {"settings": settings, "best_epoch": metrics["best_epoch"], "val_acc": f"{best['val_acc']:.4f}",
+               "val_mcc": f"{best['val_mcc']:.4f}", "seconds": f"{sum(r['seconds'] for r in metrics['epochs']):.1f}",
+               "out_dir": out_dir, "fixed": fixed}
+        append_tsv_row(table, row)
+
+
+def drop_flag(argv, flag):
+    """argv without flag (either spelling) and its value."""
+    spellings = {flag, flag.replace("-", "_").replace("__", "--", 1)}
+    out, skip = [], False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in spellings:
+            takes_value = "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            skip = takes_value
+            continue
+        out.append(item)
+    return out
+
+
+def append_tsv_row(path, row):
+    """Append one row (header first if the file is new), flushed to disk at once."""
+    import csv
+    new = not os.path.isfile(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TUNE_COLUMNS, delimiter="\t")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_tune_report(args):
+    import csv
+    try:
+        with open(args.table, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except OSError as e:
+        raise UserError(f"cannot read {args.table}: {e.strerror}") from None
+    if not rows or not {"settings", "val_mcc"} <= set(rows[0]):
+        raise UserError(f"{args.table} is not a tuning table written by --tune (no settings/val_mcc rows)")
+    try:
+        rows.sort(key=lambda r: -float(r["val_mcc"]))
+    except ValueError:
+        raise UserError(f"{args.table}: a val_mcc value is not a number") from None
+    width = max(len(r["settings"]) for r in rows)
+    print(f"{'settings':<{width}}  val_mcc  val_acc  best_epoch  seconds  out_dir")
+    for r in rows:
+        print(f"{r['settings']:<{width}}  {float(r['val_mcc']):7.4f}  {float(r['val_acc']):7.4f}  "
+              f"{r['best_epoch']:>10}  {r['seconds']:>7}  {r['out_dir']}")
+    from train_utils import plot_tuning
+    name = os.path.splitext(os.path.basename(args.table))[0]
+    path = os.path.join(args.plots_dir, f"tune_{name}.png")
+    plot_tuning(rows, path, f"sweep: {args.table}")
+    info(f"wrote {path}")
+
+
 RUNNERS = {"gen": run_gen, "LoRA": run_lora, "rnn": run_rnn, "distil": run_distil,
-           "predict": run_predict, "eval": run_eval}
+           "predict": run_predict, "eval": run_eval, "tune-report": run_tune_report}
+TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 
 def main(argv=None):
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
-        RUNNERS[args.mode](args)
+        if args.mode in TRAINING_MODES and args.tune:
+            run_tune(args, argv)
+        else:
+            RUNNERS[args.mode](args)
     except (UserError, WeightsError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"error: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `python run.py gen | head`
         return 0

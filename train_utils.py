@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from utils import info
+from utils import barrier, gather, info, world
 
 
 # ---------------------------------------------------------------------------
@@ -113,52 +113,70 @@ def make_scheduler(optimizer, total_steps, warmup_ratio):
 
 @torch.no_grad()
 def evaluate(model, batches, device, loss_fn=cross_entropy_loss):
-    """Loss, accuracy, MCC, confusion matrix and per-row logits over batches."""
+    """Loss, accuracy, MCC, confusion matrix and per-row logits over batches.
+    Under torchrun each rank evaluates its share of the batches and the results
+    are gathered, so every sentence counts exactly once."""
+    rank, size = world()
     model.eval()
-    total_loss, count, all_logits, all_rows, all_labels = 0.0, 0, [], [], []
-    for batch in batches:
+    loss_sum, logits_parts, row_parts, label_parts = 0.0, [], [], []
+    for batch in batches[rank::size]:
         batch_on_device = batch.to(device)
         with autocast_for(device):
             logits = model(batch_on_device.idx, batch_on_device.lengths).float()
-        total_loss += float(loss_fn(logits, batch_on_device)) * len(batch.labels)
-        count += len(batch.labels)
-        all_logits.append(logits.cpu())
-        all_rows.append(batch.rows)
-        all_labels.append(batch.labels)
-    logits, rows, labels = torch.cat(all_logits), torch.cat(all_rows), torch.cat(all_labels)
+        loss_sum += float(loss_fn(logits, batch_on_device)) * len(batch.labels)
+        logits_parts.append(logits.cpu())
+        row_parts.append(batch.rows)
+        label_parts.append(batch.labels)
+    parts = gather((loss_sum, logits_parts, row_parts, label_parts))
+    loss_sum = sum(p[0] for p in parts)
+    logits = torch.cat([t for p in parts for t in p[1]])
+    rows = torch.cat([t for p in parts for t in p[2]])
+    labels = torch.cat([t for p in parts for t in p[3]])
     order = rows.argsort()  # back to the split's row order
     logits, labels = logits[order], labels[order]
     predictions = logits.argmax(-1)
     matrix = confusion(predictions, labels)
-    return {"loss": total_loss / max(count, 1), "acc": accuracy(predictions, labels),
-            "mcc": mcc_from_confusion(matrix), "confusion": matrix, "n": count, "logits": logits}
+    return {"loss": loss_sum / max(len(labels), 1), "acc": accuracy(predictions, labels),
+            "mcc": mcc_from_confusion(matrix), "confusion": matrix, "n": len(labels), "logits": logits}
 
 
 def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cross_entropy_loss,
                 grad_clip=1.0, bar=None):
-    """One pass of optimisation over batches; returns (mean loss, predictions, labels)."""
+    """One pass of optimisation over batches; returns (mean loss, predictions, labels)
+    over all the epoch's sentences (gathered from every rank under torchrun)."""
+    rank, size = world()
     model.train()
-    total_loss, predictions, labels = 0.0, [], []
+    loss_sum, predictions, labels = 0.0, [], []
     for batch in batches:
-        batch_on_device = batch.to(device)
+        local = batch.shard(rank, size)
+        if len(local.labels) == 0:  # fewer sentences than ranks: join in with a zero-weight row
+            local, weight = batch.shard(0, size), 0.0
+        else:
+            # DDP averages gradients over ranks: weigh this rank's mean loss by its share
+            # of the global batch so the result is the global batch's mean
+            weight = size * len(local.labels) / len(batch.labels)
+        batch_on_device = local.to(device)
         with autocast_for(device):
             logits = model(batch_on_device.idx, batch_on_device.lengths).float()
         loss = loss_fn(logits, batch_on_device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if size > 1 else loss).backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         scheduler.step()
         loss_value = loss.item()
-        total_loss += loss_value * len(batch.labels)
-        predictions.append(logits.detach().argmax(-1).cpu())
-        labels.append(batch.labels)
+        if weight:
+            loss_sum += loss_value * len(local.labels)
+            predictions.append(logits.detach().argmax(-1).cpu())
+            labels.append(local.labels)
         if bar is not None:
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}")
-    labels = torch.cat(labels)
-    return total_loss / len(labels), torch.cat(predictions), labels
+    parts = gather((loss_sum, predictions, labels))
+    labels = torch.cat([t for p in parts for t in p[2]])
+    predictions = torch.cat([t for p in parts for t in p[1]])
+    return sum(p[0] for p in parts) / len(labels), predictions, labels
 
 
 def make_training(model, cfg: TrainConfig, batches_per_epoch):
@@ -172,36 +190,143 @@ def make_training(model, cfg: TrainConfig, batches_per_epoch):
     return params, optimizer, scheduler
 
 
+class Interrupted(Exception):
+    """Training stopped early (Ctrl-C); everything up to the last full epoch is saved."""
+
+
 def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entropy_loss,
-        on_epoch_end=None, progress=True):
+        on_epoch_end=None, progress=True, state_path=None, resume=False, signature=None, stop_after=None):
     """Train the parameters of model that require grad; evaluate on val_set after
-    each epoch. on_epoch_end(record, is_best, val) is called after every epoch (to
-    save metrics and the best weights). Returns the list of epoch records."""
+    each epoch.
+
+    on_epoch_end(history, is_best, val) runs on rank 0 after every epoch (to save
+    metrics and the best weights). With state_path, everything needed to continue
+    (trainable weights, optimiser, scheduler, RNG states, history) is saved there
+    after each epoch; resume=True continues from it. stop_after=N ends this call
+    after N epochs, as if killed there. Returns the epoch records."""
     from tqdm import tqdm
+    rank, size = world()
     params, optimizer, scheduler = make_training(model, cfg, math.ceil(len(train_set) / cfg.batch_size))
     generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    if resume:
+        history = load_training_state(state_path, model, optimizer, scheduler, generator, signature)
+        info(f"resuming after epoch {len(history)} of {cfg.epochs} from {state_path}")
+    trained = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     val_batches = val_set.batches(cfg.batch_size)
-    history, best_mcc = [], -float("inf")
-    for epoch in range(1, cfg.epochs + 1):
+    epochs_this_call = 0
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if stop_after is not None and epochs_this_call >= stop_after:
+            break
         start = time.time()
         batches = train_set.batches(cfg.batch_size, shuffle=True, generator=generator)
-        with tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
-                  unit="batch") as bar:
-            train_loss, predictions, labels = train_epoch(model, batches, optimizer, scheduler, params, device,
-                                                          loss_fn, cfg.grad_clip, bar)
+        try:
+            with tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
+                      disable=not progress or rank != 0) as bar:
+                train_loss, predictions, labels = train_epoch(trained, batches, optimizer, scheduler, params,
+                                                              device, loss_fn, cfg.grad_clip, bar)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted in epoch {epoch}; epochs 1-{epoch - 1} are saved"
+                              + (" and --resume continues from there" if state_path and epoch > 1 else "")) from None
         val = evaluate(model, val_batches, device, loss_fn=cross_entropy_loss)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(predictions, labels),
                   "train_mcc": matthews_corrcoef(predictions, labels), "val_loss": val["loss"],
-                  "val_acc": val["acc"], "val_mcc": val["mcc"], "seconds": time.time() - start}
+                  "val_acc": val["acc"], "val_mcc": val["mcc"], "val_n": val["n"], "seconds": time.time() - start}
+        is_best = all(val["mcc"] > r["val_mcc"] for r in history)
         history.append(record)
-        is_best = val["mcc"] > best_mcc
-        best_mcc = max(best_mcc, val["mcc"])
+        epochs_this_call += 1
         info(f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
              f"val loss {val['loss']:.4f} acc {val['acc']:.4f} mcc {val['mcc']:.4f} | "
              f"{record['seconds']:.1f}s{' (best)' if is_best else ''}")
-        if on_epoch_end is not None:
-            on_epoch_end(record, is_best, val)
+        if rank == 0:
+            # a Ctrl-C now must not leave half the epoch's files written
+            with defer_interrupts():
+                if on_epoch_end is not None:
+                    on_epoch_end(history, is_best, val)
+                if state_path is not None:
+                    save_training_state(state_path, model, optimizer, scheduler, generator, history, signature)
+        barrier()
     return history
+
+
+class defer_interrupts:
+    """Hold a Ctrl-C until the block is done, then raise it."""
+
+    def __enter__(self):
+        import signal
+        self.received = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "received", True))
+        except ValueError:  # not the main thread: nothing to defer
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.received:
+            raise Interrupted("interrupted; every finished epoch is saved")
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Resumable state
+# ---------------------------------------------------------------------------
+
+def save_training_state(path, model, optimizer, scheduler, generator, history, signature):
+    import random
+
+    import numpy as np
+    numpy_state = np.random.get_state()
+    state = {
+        "epoch": len(history), "history": history, "signature": signature,
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "data_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": random.getstate(),
+        # plain types only, so the file loads with weights_only=True
+        "numpy_rng": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path, model, optimizer, scheduler, generator, signature):
+    """Restore what save_training_state wrote; returns the history so far."""
+    import random
+
+    import numpy as np
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume: {path} does not exist; nothing to resume (drop --resume to start anew)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path} is corrupt ({str(e).splitlines()[0][:120]}); "
+                              "drop --resume to start anew") from None
+    saved = state.get("signature") or {}
+    changed = sorted(k for k in set(saved) | set(signature or {}) if saved.get(k) != (signature or {}).get(k))
+    if changed:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {(signature or {}).get(k)!r}" for k in changed[:4])
+        raise CheckpointError(f"--resume: the saved run used other settings ({details}); "
+                              "resume with the same settings or start a new --out-dir")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["data_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    return state["history"]
 
 
 def best_epoch(history):
@@ -276,6 +401,22 @@ def plot_comparison(runs, path, title):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_tuning(rows, path, title):
+    """Validation MCC of every run of a sweep, best on top."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: float(r["val_mcc"]))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    ax.barh([r["settings"] for r in rows], [float(r["val_mcc"]) for r in rows], color="tab:blue")
+    ax.set_xlabel("best validation MCC")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

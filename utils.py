@@ -18,8 +18,54 @@ class UserError(Exception):
 
 
 def info(*args):
-    """Progress and information go to stderr, so stdout carries only results."""
-    print(*args, file=sys.stderr, flush=True)
+    """Progress and information go to stderr, so stdout carries only results.
+    Under torchrun only rank 0 speaks."""
+    if is_main_process():
+        print(*args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Data parallel (torchrun)
+# ---------------------------------------------------------------------------
+
+def world():
+    """(rank, world size) of this process; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process():
+    return world()[0] == 0
+
+
+def init_distributed(device_name):
+    """Join the process group torchrun set up: NCCL with one GPU per rank, gloo on
+    CPU. Returns the device this rank computes on."""
+    import torch.distributed as dist
+    rank, size = world()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def gather(obj):
+    """Every rank's obj, in rank order (just [obj] without torchrun)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+    gathered = [None] * size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    if world()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +278,14 @@ class Batch:
     def to(self, device):
         return Batch(self.idx.to(device, non_blocking=True), self.lengths.to(device), self.labels.to(device),
                      self.rows)
+
+    def shard(self, rank, size):
+        """This rank's contiguous part of a global batch (rows stay whole sentences)."""
+        if size == 1:
+            return self
+        part = torch.tensor_split(torch.arange(len(self.labels)), size)[rank]
+        width = int(self.lengths[part].max()) if len(part) else 1
+        return Batch(self.idx[part, :width], self.lengths[part], self.labels[part], self.rows[part])
 
 
 class TokenizedSplit:

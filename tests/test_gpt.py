@@ -121,11 +121,11 @@ def test_kv_cache_equals_no_cache_greedy(tiny_gpt):
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.7, top_k=50), dict(top_p=0.9)])
 def test_kv_cache_equals_no_cache_sampling(tiny_gpt, kwargs):
     idx = rand_ids(7, batch=3, seed=12)
-    runs = [tiny_gpt.generate(idx, 30, generator=torch.Generator().manual_seed(42), stop_token=None,
+    runs = [tiny_gpt.generate(idx, 20, generator=torch.Generator().manual_seed(42), stop_token=None,
                               use_cache=use_cache, **kwargs) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
     # sampling really sampled: rows differ from each other and from greedy
-    greedy = tiny_gpt.generate(idx, 30, greedy=True, stop_token=None)
+    greedy = tiny_gpt.generate(idx, 20, greedy=True, stop_token=None)
     assert not torch.equal(runs[0], greedy)
     assert not torch.equal(runs[0][0, 7:], runs[0][1, 7:])
 
@@ -168,16 +168,16 @@ def test_long_prompt_is_cropped_to_context(tiny_gpt):
 
 
 def test_generation_past_context_window_matches_sliding_window_reference(tiny_ckpt, tiny_gpt):
-    """Prompt 100 + 45 new tokens > 128 positions: with and without cache, every
+    """Prompt 110 + 30 new tokens > 128 positions: with and without cache, every
     token is the argmax of transformers' logits over the last 128 tokens."""
     block = TINY["n_positions"]
-    idx = rand_ids(100, seed=17)
-    with_cache = tiny_gpt.generate(idx, 45, greedy=True, stop_token=None, use_cache=True)
-    without = tiny_gpt.generate(idx, 45, greedy=True, stop_token=None, use_cache=False)
-    assert with_cache.shape == (1, 145)
+    idx = rand_ids(110, seed=17)
+    with_cache = tiny_gpt.generate(idx, 30, greedy=True, stop_token=None, use_cache=True)
+    without = tiny_gpt.generate(idx, 30, greedy=True, stop_token=None, use_cache=False)
+    assert with_cache.shape == (1, 140)
     assert torch.equal(with_cache, without)
     seq = idx
-    for _ in range(45):
+    for _ in range(30):
         nxt = hf_logits(tiny_ckpt.hf, seq[:, -block:])[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert with_cache.tolist() == seq.tolist()
@@ -319,7 +319,7 @@ def test_mismatched_weights_raise_weights_error(tiny_ckpt, tmp_path, changes, pa
                                        "dropped, so weights with more layers than config.json load without error")
 def test_weights_with_more_layers_than_config_raise(tiny_ckpt, tmp_path):
     bad = _copy_with_config(tiny_ckpt.path, tmp_path / "bad", n_layer=1)
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError, match="config"):
         GPT.from_pretrained(bad)
 
 
