@@ -247,8 +247,10 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache = None
         if use_cache:
-            weight = self.transformer.wte.weight
-            cache = KVCache(self.config, B, min(block, idx.size(1) + max_new_tokens), idx.device, weight.dtype)
+            dtype = self.transformer.wte.weight.dtype
+            if torch.is_autocast_enabled(idx.device.type):  # keys and values come out in autocast's dtype
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            cache = KVCache(self.config, B, min(block, idx.size(1) + max_new_tokens), idx.device, dtype)
         context = idx
         logits = self(context, cache, last_only=True)[:, -1, :]
         for step in range(max_new_tokens):
@@ -310,7 +312,8 @@ def _locate_checkpoint(name_or_path):
             if os.path.isfile(weights_path):
                 return config_path, weights_path
         raise WeightsError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
-    looks_like_path = os.sep in name_or_path and name_or_path.count("/") != 1 or name_or_path.startswith((".", "~"))
+    # hub ids are "name" or "owner/name"; anything else is a directory that is not there
+    looks_like_path = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
         raise WeightsError(f"weights directory {name_or_path} does not exist")
     repo_id = HUB_IDS.get(name_or_path, name_or_path)
@@ -363,6 +366,10 @@ def _hf_to_ours(state, config, weights_path):
         ours["transformer." + name] = tensor.float().contiguous()
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    extra = sorted(set(ours) - set(expected))
+    if extra:
+        raise WeightsError(f"{weights_path} does not match its config.json: it has {len(extra)} tensors the config "
+                           f"does not describe (first: {extra[0].removeprefix('transformer.')})")
     missing = sorted(set(expected) - set(ours))
     if missing:
         raise WeightsError(f"{weights_path} does not match its config.json: {len(missing)} tensors missing "

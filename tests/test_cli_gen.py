@@ -256,14 +256,10 @@ def test_unknown_mode(capsys):
 
 
 @pytest.mark.parametrize("seed", [-1, 2 ** 32])
-@pytest.mark.xfail(strict=True, reason="BUG utils.seed_everything/run.validate_gen: np.random.seed rejects seeds "
-                                       "outside [0, 2**32) with a ValueError traceback instead of a one-line error")
 def test_out_of_range_seed(capsys, tiny_ckpt, seed):
     assert_one_line_error(*cli(capsys, "--weights", tiny_ckpt.path, "--seed", seed), "seed")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG run.validate_gen: --temperature nan passes the `<= 0` check and "
-                                       "torch.multinomial then fails with a RuntimeError traceback")
 def test_nan_temperature(capsys, tiny_ckpt):
     assert_one_line_error(*cli(capsys, "--weights", tiny_ckpt.path, "--temperature", "nan"), "temperature")
 

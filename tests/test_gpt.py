@@ -315,8 +315,6 @@ def test_mismatched_weights_raise_weights_error(tiny_ckpt, tmp_path, changes, pa
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG model._hf_to_ours: tensors of layers beyond config n_layer are silently "
-                                       "dropped, so weights with more layers than config.json load without error")
 def test_weights_with_more_layers_than_config_raise(tiny_ckpt, tmp_path):
     bad = _copy_with_config(tiny_ckpt.path, tmp_path / "bad", n_layer=1)
     with pytest.raises(WeightsError, match="config"):
