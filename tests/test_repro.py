@@ -1,0 +1,181 @@
+"""Reproducible, resumable and data-parallel training; sweeps into tuning/."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from cola import PROJECT_ROOT, STUDENT, assert_error, cli, common, lora_subset_run, run_ok, subset_dir
+
+
+def epochs_without_time(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in metrics["epochs"]], metrics
+
+
+def weights_of(out_dir):
+    path = os.path.join(out_dir, "adapter", "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        path = os.path.join(out_dir, "student.safetensors")
+    return load_file(path)
+
+
+def assert_same_run(a, b):
+    epochs_a, metrics_a = epochs_without_time(a)
+    epochs_b, metrics_b = epochs_without_time(b)
+    assert epochs_a == epochs_b
+    assert metrics_a["best_epoch"] == metrics_b["best_epoch"]
+    weights_a, weights_b = weights_of(a), weights_of(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert weights_a[key].equal(weights_b[key]), key
+
+
+def mode_argv(mode, tmp_path_factory, tiny_ckpt):
+    data = subset_dir(tmp_path_factory)
+    if mode == "LoRA":
+        return ["LoRA", "--weights", tiny_ckpt.path, "--data-dir", data, "--epochs", "3", "--batch-size", "32"]
+    extra = ["--teacher", lora_subset_run(tmp_path_factory, tiny_ckpt.path), "--weights", tiny_ckpt.path] \
+        if mode == "distil" else []
+    return [mode, "--data-dir", data, *STUDENT, "--epochs", "3", "--batch-size", "32", *extra]
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "rnn", "distil"])
+def test_same_seed_same_results_and_resume_equals_uninterrupted(mode, tmp_path, tmp_path_factory, tiny_ckpt):
+    argv = mode_argv(mode, tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    first, second, resumed = (str(tmp_path / name) for name in ("first", "second", "resumed"))
+    run_ok(*argv, "--out-dir", first)
+    run_ok(*argv, "--out-dir", second)
+    assert_same_run(first, second)
+    with open(os.path.join(first, "metrics.json")) as f:
+        environment = json.load(f)["environment"]
+    assert environment["seed"] == 0 and environment["device"] == "cpu"
+    assert {"torch", "numpy", "python"} <= set(environment)
+    assert set(environment["data_sha256"]) == {"in_domain_train.tsv", "in_domain_dev.tsv"}
+    assert all(len(digest) == 64 for digest in environment["data_sha256"].values())
+
+    # killed after epoch 1, then resumed: the same run as never stopping
+    run_ok(*argv, "--out-dir", resumed, "--stop-after", "1")
+    assert len(epochs_without_time(resumed)[0]) == 1
+    run_ok(*argv, "--out-dir", resumed, "--resume")
+    assert_same_run(first, resumed)
+
+
+def test_different_seed_differs(tmp_path, tmp_path_factory, tiny_ckpt):
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    run_ok(*argv, "--out-dir", tmp_path / "a", "--seed", "0", "--epochs", "1")
+    run_ok(*argv, "--out-dir", tmp_path / "b", "--seed", "1", "--epochs", "1")
+    assert epochs_without_time(tmp_path / "a")[0] != epochs_without_time(tmp_path / "b")[0]
+
+
+def test_resume_refuses_other_settings_and_missing_state(tmp_path, tmp_path_factory, tiny_ckpt, capsys):
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    out = str(tmp_path / "run")
+    run_ok(*argv, "--out-dir", out, "--stop-after", "1")
+    code, stdout, err = cli(capsys, *argv, "--out-dir", out, "--resume", "--lr", "0.01")
+    assert_error(code, stdout, err, "--resume", "lr", only_line=False)
+    code, stdout, err = cli(capsys, *argv, "--out-dir", str(tmp_path / "never-ran"), "--resume")
+    assert_error(code, stdout, err, "nothing to resume")
+    with open(os.path.join(out, "resume_state.pt"), "wb") as f:
+        f.write(b"not a torch file")
+    code, stdout, err = cli(capsys, *argv, "--out-dir", out, "--resume")
+    assert_error(code, stdout, err, "corrupt", only_line=False)
+
+
+def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, capsys, monkeypatch):
+    """Ctrl-C in epoch 2: epoch 1's files stay whole and --resume finishes the run."""
+    import train_utils
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    out = str(tmp_path / "run")
+    real_train_epoch = train_utils.train_epoch
+    calls = []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args, **kwargs)
+    monkeypatch.setattr(train_utils, "train_epoch", interrupted_in_epoch_2)
+    code, stdout, err = cli(capsys, *argv, "--out-dir", out)
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted in epoch 2" in err.strip().splitlines()[-1]
+    assert len(epochs_without_time(out)[0]) == 1
+    load_file(os.path.join(out, "student.safetensors"))  # whole, readable
+    monkeypatch.setattr(train_utils, "train_epoch", real_train_epoch)
+    run_ok(*argv, "--out-dir", out, "--resume")
+    run_ok(*argv, "--out-dir", tmp_path / "straight")
+    assert_same_run(out, str(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "rnn"])
+def test_two_process_gloo_matches_one_process(mode, tmp_path, tmp_path_factory, tiny_ckpt):
+    argv = mode_argv(mode, tmp_path_factory, tiny_ckpt)[:-2] + ["--epochs", "2"] + common(tmp_path)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_ok(*argv, "--out-dir", one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv), "--out-dir", two]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(tmp_path / "two").count("metrics.json") == 1
+    epochs_one, _ = epochs_without_time(one)
+    epochs_two, _ = epochs_without_time(two)
+    assert [e["val_n"] for e in epochs_two] == [100, 100]  # the whole validation subset, each row once
+    for a, b in zip(epochs_one, epochs_two):
+        for key in ("train_loss", "val_loss", "val_acc", "val_mcc", "train_acc"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    # only rank 0 spoke
+    assert result.stderr.count("epoch 2/2:") == 1
+
+
+def read_table(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_sweep_rows_skipping_and_report(tmp_path, tmp_path_factory, tiny_ckpt, capsys):
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt)[:-2] + ["--epochs", "1"] + common(tmp_path)
+    tuning = str(tmp_path / "tuning")
+    sweep = [*argv, "--out-dir", str(tmp_path / "sweep"), "--tuning-dir", tuning]
+    run_ok(*sweep, "--tune", "lr=1e-3,3e-2 bidirectional=true,false")
+    rows = read_table(os.path.join(tuning, "rnn.tsv"))
+    assert [r["settings"] for r in rows] == ["lr=1e-3 bidirectional=true", "lr=1e-3 bidirectional=false",
+                                             "lr=3e-2 bidirectional=true", "lr=3e-2 bidirectional=false"]
+    for r in rows:
+        with open(os.path.join(r["out_dir"], "metrics.json")) as f:
+            metrics = json.load(f)
+        best = metrics["epochs"][metrics["best_epoch"] - 1]
+        assert float(r["val_mcc"]) == pytest.approx(best["val_mcc"], abs=1e-4)
+        assert metrics["args"]["lr"] == float(r["settings"].split()[0].split("=")[1])
+        assert metrics["args"]["bidirectional"] == (r["settings"].split()[1] == "bidirectional=true")
+    # the same sweep again: nothing new; with another fixed setting: all new
+    capsys.readouterr()
+    run_ok(*sweep, "--tune", "lr=1e-3,3e-2 bidirectional=true,false")
+    assert capsys.readouterr().err.count("skipped") == 4
+    assert len(read_table(os.path.join(tuning, "rnn.tsv"))) == 4
+    run_ok(*sweep, "--tune", "lr=1e-3", "--rnn-hidden", "16")
+    assert len(read_table(os.path.join(tuning, "rnn.tsv"))) == 5
+
+    code, stdout, err = cli(capsys, "tune-report", os.path.join(tuning, "rnn.tsv"),
+                            "--plots-dir", str(tmp_path / "plots"))
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["settings", "val_mcc"]
+    mccs = [float(line.split("  ")[1]) if False else float(line.split()[-5]) for line in lines[1:]]
+    assert mccs == sorted(mccs, reverse=True) and len(mccs) == 5
+    assert os.path.getsize(tmp_path / "plots" / "tune_rnn.png") > 1000
+
+
+def test_bad_sweeps(tmp_path, capsys):
+    code, stdout, err = cli(capsys, "rnn", "--tune", "nosuchflag=1,2", "--out-dir", str(tmp_path))
+    assert_error(code, stdout, err, "nosuchflag")
+    code, stdout, err = cli(capsys, "rnn", "--tune", "lr", "--out-dir", str(tmp_path))
+    assert_error(code, stdout, err, "FLAG=V1,V2")
+    code, stdout, err = cli(capsys, "tune-report", str(tmp_path / "missing.tsv"))
+    assert_error(code, stdout, err, "missing.tsv")
+    shutil.rmtree(tmp_path)
