@@ -471,6 +471,10 @@ class GPTClassifier(nn.Module):
         self.score = nn.Linear(gpt.config.n_embd, n_classes, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
 
+    @property
+    def max_len(self):
+        return self.gpt.config.block_size
+
     def forward(self, idx, lengths):
         hidden = self.gpt.hidden_states(idx)
         last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
@@ -517,6 +521,8 @@ class DistilRNN(nn.Module):
         else:
             self.rnn = (nn.GRU if config.rnn_type == "gru" else nn.LSTM)(**kwargs)
         self.classifier = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.n_classes)
+
+    max_len = 1 << 30  # an RNN reads sentences of any length
 
     def forward(self, idx, lengths):
         packed = nn.utils.rnn.pack_padded_sequence(self.embedding(idx), lengths.cpu(), batch_first=True,

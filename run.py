@@ -480,7 +480,7 @@ def run_predict(args):
     model, description = load_classifier(args.checkpoint, args.weights)
     info(f"classifier: {description}")
     model.to(device)
-    tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"))
+    tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"), model.max_len)
     probabilities = torch.empty(len(sentences))
     with torch.no_grad():
         for batch in tokenized.batches(args.batch_size):
@@ -498,7 +498,7 @@ def run_eval(args):
     model, description = load_classifier(args.checkpoint, args.weights)
     model.to(device)
     _, val = load_cola(args.data_dir, args.val_split)
-    result = evaluate(model, TokenizedSplit(val).batches(args.batch_size), device)
+    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(args.batch_size), device)
     (tn, fp), (fn, tp) = result["confusion"]
     print(f"checkpoint: {args.checkpoint} ({description})")
     print(f"data: {val.source} ({result['n']} sentences)")

@@ -344,6 +344,9 @@ def atomic_write(path, write):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every output private
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -636,7 +639,7 @@ class Teacher:
             model, description = load_classifier(self.checkpoint, self.weights)
             model.to(device)
             for name in missing:
-                split = train_set if name == "train" else val_set
+                split = (train_set if name == "train" else val_set).cropped(model.max_len)
                 info(f"running the teacher ({description}) over {len(split)} {name} sentences, once")
                 logits[name] = evaluate(model, split.batches(128), device)["logits"]
                 save_logits(paths[name], logits[name])

@@ -291,15 +291,25 @@ class Batch:
 class TokenizedSplit:
     """A split tokenized once, ready to be cut into length-grouped batches."""
 
-    def __init__(self, split: Split, max_len=1024):
+    def __init__(self, split: Split, max_len=1024, tokens=None):
         self.split = split
-        tokens = [encode(s) for s in split.sentences]
-        too_long = [i for i, t in enumerate(tokens) if len(t) > max_len]
-        if too_long:
-            info(f"note: {len(too_long)} sentence(s) of {split.source} exceed {max_len} tokens; "
-                 "their first tokens are dropped")
-        self.tokens = [t[-max_len:] for t in tokens]
         self.labels = torch.tensor(split.labels, dtype=torch.long)
+        self.tokens = [encode(s) for s in split.sentences] if tokens is None else tokens
+        self.tokens = self._cropped(max_len)
+
+    def _cropped(self, max_len):
+        """Sentences longer than max_len keep their last max_len tokens: the
+        classifiers read the state after the last token."""
+        too_long = sum(len(t) > max_len for t in self.tokens)
+        if too_long:
+            info(f"note: {too_long} sentence(s) of {self.split.source} exceed {max_len} tokens; "
+                 "their first tokens are dropped")
+            return [t[-max_len:] for t in self.tokens]
+        return self.tokens
+
+    def cropped(self, max_len):
+        """The same split for a model whose context holds only max_len tokens."""
+        return TokenizedSplit(self.split, max_len, tokens=self.tokens)
 
     def __len__(self):
         return len(self.tokens)
