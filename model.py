@@ -421,7 +421,12 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # Scale the thin (tokens, r) intermediate, not the (tokens, out) update, and let
+        # the GEMM add the update into y (addmm): two fewer full-size passes over the
+        # output, forward and backward, on the training path.
+        low_rank = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
+        out = torch.addmm(y.reshape(-1, y.size(-1)), low_rank.reshape(-1, self.rank), self.lora_B.t())
+        return out.view(y.shape)
 
     def delta_weight(self):
         """The update in the base weight's (in, out) layout."""

@@ -64,6 +64,9 @@ def build_parser():
     gen.add_argument("--num-samples", type=int, default=1, help="samples to generate, as one batch (default 1)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the forward pass (pays off on GPUs)")
+    gen.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="compute precision: auto = bfloat16 autocast on CUDA, float32 elsewhere; "
+                          "float32 gives exactly the reference implementation's tokens (default auto)")
     add_common(gen)
 
     lora = modes.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
@@ -133,7 +136,7 @@ def add_training(p, out_dir, lr):
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last full epoch")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this call, resumable later (as if killed there)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: minutes of compiling first, so only for long GPU runs")
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
     p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
@@ -201,8 +204,10 @@ def run_gen(args):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-    # bf16 on CUDA: half the bytes to read per token, and the tensor cores
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
+    # numerics, so a greedy continuation can differ from float32's: --dtype float32.
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     with autocast:
         run_stream(args, model, idx, generator)
 
@@ -314,7 +319,9 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
     trained = model
     if args.compile:
         import torch
-        trained = torch.compile(model)
+        # dynamic: CoLA batches vary in length and size; one graph with symbolic shapes
+        # instead of a recompilation for every new shape
+        trained = torch.compile(model, dynamic=True)
     history = fit(trained, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
                   on_epoch_end=on_epoch_end, progress=not args.no_progress,
                   state_path=os.path.join(args.out_dir, "resume_state.pt"), resume=args.resume,

@@ -271,3 +271,35 @@ def test_hub_unreachable_subprocess(tmp_path):
                                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}, timeout=60)
     line = assert_one_line_error(code, out, err, "--weights")
     assert "openai-community/gpt2" in line
+
+
+# ---------------------------------------------------------------------------
+# --dtype
+# ---------------------------------------------------------------------------
+
+def test_dtype_float32_is_exact_and_bfloat16_decodes_under_autocast(capsys, tiny_ckpt, monkeypatch):
+    seen = []
+    original = GPT.generate_stream
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        yield from original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "generate_stream", spy)
+    common = ["--weights", tiny_ckpt.path, "--prompt", PROMPT, "--max-new-tokens", 20, "--greedy", "--device", "cpu"]
+    for dtype, expected_dtype in (("float32", torch.float32), ("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        code, out, err = cli(capsys, *common, "--dtype", dtype)
+        assert code == 0, err
+        assert seen.pop() == expected_dtype, dtype
+        if expected_dtype == torch.float32:  # the exact path: the reference's tokens
+            assert out == library_text(tiny_ckpt.path, PROMPT, 20, greedy=True)[0] + "\n"
+        else:  # the library's output under the same autocast, KV cache included
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert out == library_text(tiny_ckpt.path, PROMPT, 20, greedy=True)[0] + "\n"
+        seen.clear()
+
+
+def test_unknown_dtype_is_a_one_line_error(capsys, tiny_ckpt):
+    code, out, err = cli(capsys, "--weights", tiny_ckpt.path, "--dtype", "fp8")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "--dtype" in err and "float32" in err
