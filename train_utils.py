@@ -370,11 +370,21 @@ def save_tensors(path, tensors, metadata=None):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(plt, fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def plot_history(history, path, title):
     """Loss, accuracy and MCC per epoch, train and validation, side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric, label in zip(axes, ("loss", "acc", "mcc"), ("loss", "accuracy", "Matthews correlation")):
@@ -386,15 +396,12 @@ def plot_history(history, path, title):
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def plot_comparison(runs, path, title):
     """Validation accuracy and MCC per epoch of several runs ({name: history})."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric, label in zip(axes, ("val_acc", "val_mcc"), ("validation accuracy", "validation MCC")):
         for name, history in runs.items():
@@ -405,15 +412,12 @@ def plot_comparison(runs, path, title):
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def plot_tuning(rows, path, title):
     """Validation MCC of every run of a sweep, best on top."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = sorted(rows, key=lambda r: float(r["val_mcc"]))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
     ax.barh([r["settings"] for r in rows], [float(r["val_mcc"]) for r in rows], color="tab:blue")
@@ -421,8 +425,7 @@ def plot_tuning(rows, path, title):
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------
