@@ -1,15 +1,13 @@
 """The whole model in one file: GPT-2 (with a KV cache), LoRA adapters and the
 DistilRNN student.
 
-Nothing here knows about training, files of the project or the command line; it
-only needs torch, plus safetensors/huggingface_hub to read pretrained weights.
+Nothing here knows about training, the network or the command line; it only needs
+torch, plus safetensors to read pretrained weights from a local directory.
 """
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass, fields
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -43,9 +41,6 @@ PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
 }
-# Hugging Face hub ids of the OpenAI checkpoints.
-HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-           "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
 def _init_normal(tensor, std=0.02):
@@ -202,11 +197,11 @@ class GPT(nn.Module):
     # -- pretrained weights -------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load a GPT-2 checkpoint in Hugging Face format: a local directory with
-        config.json and model.safetensors (or pytorch_model.bin), or a hub id /
-        preset name that huggingface_hub downloads (and caches)."""
-        config_path, weights_path = _locate_checkpoint(name_or_path)
+    def from_pretrained(cls, directory, dropout=0.0):
+        """Load a GPT-2 checkpoint in Hugging Face format from a local directory with
+        config.json and model.safetensors (or pytorch_model.bin). utils.gpt2_directory
+        finds or downloads one from the hub."""
+        config_path, weights_path = _checkpoint_files(directory)
         try:
             with open(config_path) as f:
                 hf = json.load(f)
@@ -300,44 +295,19 @@ def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, g
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _locate_checkpoint(name_or_path):
-    """(config.json path, weights path) of a local directory or a hub id."""
-    if os.path.isdir(name_or_path):
-        config_path = os.path.join(name_or_path, "config.json")
-        if not os.path.isfile(config_path):
-            raise WeightsError(f"{name_or_path} has no config.json; expected a Hugging Face GPT-2 directory "
-                               "(config.json + model.safetensors or pytorch_model.bin)")
-        for weights_name in ("model.safetensors", "pytorch_model.bin"):
-            weights_path = os.path.join(name_or_path, weights_name)
-            if os.path.isfile(weights_path):
-                return config_path, weights_path
-        raise WeightsError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
-    # hub ids are "name" or "owner/name"; anything else is a directory that is not there
-    looks_like_path = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    if looks_like_path:
-        raise WeightsError(f"weights directory {name_or_path} does not exist")
-    repo_id = HUB_IDS.get(name_or_path, name_or_path)
-    from huggingface_hub import constants, hf_hub_download
-    try:  # the cache first: no network needed for weights downloaded before
-        return (hf_hub_download(repo_id, "config.json", local_files_only=True),
-                hf_hub_download(repo_id, "model.safetensors", local_files_only=True))
-    except Exception:
-        pass
-    hint = ("download it on a machine with internet and pass --weights DIR "
-            "(a directory with config.json + model.safetensors)")
-    if constants.HF_HUB_OFFLINE:
-        raise WeightsError(f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
-    host = urlparse(constants.ENDPOINT).hostname
-    try:  # fail in a moment, not after the hub client's half-minute of retries
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise WeightsError(f"the Hugging Face hub ({host}) is not reachable and '{repo_id}' is not cached; "
-                           f"{hint}") from None
-    try:
-        return hf_hub_download(repo_id, "config.json"), hf_hub_download(repo_id, "model.safetensors")
-    except Exception as e:  # unknown repo, network trouble, no such file: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"could not get '{repo_id}' from the Hugging Face hub ({reason[:160]}); {hint}") from None
+def _checkpoint_files(directory):
+    """(config.json path, weights path) of a local Hugging Face GPT-2 directory."""
+    if not os.path.isdir(directory):
+        raise WeightsError(f"weights directory {directory} does not exist")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory "
+                           "(config.json + model.safetensors or pytorch_model.bin)")
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        weights_path = os.path.join(directory, weights_name)
+        if os.path.isfile(weights_path):
+            return config_path, weights_path
+    raise WeightsError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
 def _read_state_dict(weights_path):
@@ -498,7 +468,9 @@ class RNNConfig:
     n_layers: int = 2
     hidden: int = 768
     bidirectional: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0        # between RNN layers
+    embd_dropout: float = 0.0   # on the token embeddings (CoLA is small: the student overfits it)
+    head_dropout: float = 0.0   # on the final state, before the classifier
     n_classes: int = 2
 
     @classmethod
@@ -525,13 +497,26 @@ class DistilRNN(nn.Module):
             self.rnn = nn.RNN(nonlinearity="relu", **kwargs)
         else:
             self.rnn = (nn.GRU if config.rnn_type == "gru" else nn.LSTM)(**kwargs)
+        self.embd_dropout = nn.Dropout(config.embd_dropout)
+        self.head_dropout = nn.Dropout(config.head_dropout)
         self.classifier = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.n_classes)
 
     max_len = 1 << 30  # an RNN reads sentences of any length
 
+    @torch.no_grad()
+    def init_embeddings(self, token_embeddings):
+        """Start from another model's token embeddings (vocab, width), e.g. GPT-2's;
+        a wider table keeps the n_embd directions along which it varies most (PCA)."""
+        token_embeddings = token_embeddings.float()
+        if token_embeddings.size(1) != self.config.n_embd:
+            centred = token_embeddings - token_embeddings.mean(0)
+            _, _, v = torch.linalg.svd(centred, full_matrices=False)
+            token_embeddings = centred @ v[:self.config.n_embd].t()
+        self.embedding.weight.copy_(token_embeddings)
+
     def forward(self, idx, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(idx), lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
+        embedded = self.embd_dropout(self.embedding(idx))
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, h_n = self.rnn(packed)
         if isinstance(h_n, tuple):  # LSTM returns (h_n, c_n)
             h_n = h_n[0]
@@ -541,4 +526,4 @@ class DistilRNN(nn.Module):
             features = torch.cat([h_n[-2], h_n[-1]], dim=-1)
         else:
             features = h_n[-1]
-        return self.classifier(features)
+        return self.classifier(self.head_dropout(features))

@@ -9,11 +9,15 @@ import os
 import sys
 from contextlib import nullcontext
 
-from model import EOT_TOKEN, HUB_IDS, LORA_TARGETS, PRESETS, WeightsError
+from model import LORA_TARGETS, PRESETS, WeightsError
 from train_utils import CheckpointError, Interrupted
-from utils import UserError, info
+from utils import EOT_TOKEN, HUB_IDS, UserError, info
 
-MODES = ("gen", "LoRA", "rnn", "distil", "predict", "eval")
+# The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
+EMBD_DROPOUT = 0.0
+HEAD_DROPOUT = 0.0
+EMBD_WEIGHT_DECAY = None
+AUGMENT = 0
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,7 +92,8 @@ def build_parser():
         if mode == "distil":
             source = p.add_mutually_exclusive_group()
             source.add_argument("--teacher", default=None, metavar="DIR",
-                                help="a LoRA run's out dir (default runs/LoRA)")
+                                help="a LoRA run's out dir, or a Hugging Face sequence-classification "
+                                     "directory with 2 labels (default runs/LoRA)")
             source.add_argument("--teacher-logits", metavar="FILE",
                                 help="distil from any teacher: .npy of shape (training sentences, 2)")
             p.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
@@ -96,6 +101,18 @@ def build_parser():
                            help="weight of the teacher term; 0 = labels only, i.e. rnn (default 0.5)")
             p.add_argument("--kd-loss", choices=("kl", "mse"), default="kl",
                            help="kl on softened probabilities (Hinton) or mse on logits (Tang) (default kl)")
+            p.add_argument("--augment", type=int, default=AUGMENT, metavar="N",
+                           help=f"N synthetic sentences per training sentence, labelled by the teacher "
+                                f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT})")
+            p.add_argument("--mask-prob", type=float, default=0.1, help="augment: mask a word (default 0.1)")
+            p.add_argument("--swap-prob", type=float, default=0.1,
+                           help="augment: swap a word for one of the same kind (default 0.1)")
+            p.add_argument("--ngram-prob", type=float, default=0.25,
+                           help="augment: keep only an n-gram of the sentence (default 0.25)")
+            p.add_argument("--max-ngram", type=int, default=5, help="augment: longest n-gram kept (default 5)")
+            p.add_argument("--teacher-cache", metavar="DIR",
+                           help="where the teacher's logits are cached (default TEACHER/teacher_logits, or "
+                                "~/.cache/gpt2-lora-distil/ for a read-only teacher)")
 
     predict = modes.add_parser("predict", help="classify sentences with a trained checkpoint")
     predict.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
@@ -150,6 +167,14 @@ def add_student(p):
     p.add_argument("--rnn-embd", type=int, default=768, help="token embedding size (default 768)")
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--rnn-dropout", type=float, default=0.0, help="dropout between RNN layers (default 0)")
+    p.add_argument("--embd-dropout", type=float, default=EMBD_DROPOUT,
+                   help=f"dropout on the token embeddings (default {EMBD_DROPOUT})")
+    p.add_argument("--head-dropout", type=float, default=HEAD_DROPOUT,
+                   help=f"dropout on the final state, before the classifier (default {HEAD_DROPOUT})")
+    p.add_argument("--embd-weight-decay", type=float, default=EMBD_WEIGHT_DECAY,
+                   help="adamw's weight decay on the token embedding (default: --weight-decay's)"
+                   if EMBD_WEIGHT_DECAY is None else f"adamw's weight decay on the token embedding "
+                                                     f"(default {EMBD_WEIGHT_DECAY})")
     p.add_argument("--init-embeddings", choices=("random", "gpt2"), default="random",
                    help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant), "
                         "projected if sizes differ")
@@ -178,6 +203,7 @@ def validate_gen(args):
 
 def load_gpt(args, device="cpu"):
     from model import GPT
+    from utils import gpt2_directory
     if args.weights:
         source = args.weights
         if not os.path.isdir(source):
@@ -187,7 +213,7 @@ def load_gpt(args, device="cpu"):
             raise UserError(f"unknown --gpt-variant {args.gpt_variant!r}; choose from {', '.join(PRESETS)}")
         source = args.gpt_variant
     info(f"loading GPT-2 weights from {source}")
-    return GPT.from_pretrained(source).to(device)
+    return GPT.from_pretrained(gpt2_directory(source)).to(device)
 
 
 def run_gen(args):
@@ -263,7 +289,7 @@ def train_config(args):
     from train_utils import TrainConfig
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
-                       seed=args.seed)
+                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None))
 
 
 def load_data(args, block_size=1024):
@@ -295,10 +321,10 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
                "compile")
 
 
-def train_and_report(args, model, device, data, record, save_best, loss_fn=None, epoch_extra=None):
+def train_and_report(args, model, device, data, record, save_best, loss_fn=None, teacher_val_predictions=None):
     """The shared tail of every training mode: fit, keep the best epoch's weights,
     write metrics.json (and the resumable state) after every epoch, plot."""
-    from train_utils import best_epoch, cross_entropy_loss, fit, plot_history, save_json
+    from train_utils import accuracy, best_epoch, cross_entropy_loss, fit, plot_history, save_json
     from utils import is_main_process
     train_set, val_set = data
     params = record["params"]
@@ -307,8 +333,8 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
     metrics_path = os.path.join(args.out_dir, "metrics.json")
 
     def on_epoch_end(history, is_best, val):
-        if epoch_extra is not None:
-            history[-1].update(epoch_extra(val))
+        if teacher_val_predictions is not None:  # how often the student agrees with its teacher
+            history[-1]["val_agreement"] = accuracy(val["logits"].argmax(-1), teacher_val_predictions)
         if is_best:
             save_best(history[-1])
         record["epochs"] = history
@@ -345,6 +371,8 @@ def prepare(args):
     one) and seed everything from --seed."""
     from utils import init_distributed, resolve_device, seed_everything, world
     validate_training(args)
+    if args.mode in ("rnn", "distil"):
+        validate_student(args)
     device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
     if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume_state.pt")):
         raise UserError(f"--resume: {args.out_dir} has no resume_state.pt; nothing to resume "
@@ -384,59 +412,58 @@ def run_lora(args):
     train_and_report(args, classifier, device, data, record, save_best)
 
 
-def build_student(args, vocab_size, gpt=None):
-    """A fresh DistilRNN, its embeddings optionally initialised from GPT-2's."""
-    import torch
-    from model import DistilRNN, RNNConfig
+def validate_student(args):
     for flag, value in (("--rnn-layers", args.rnn_layers), ("--rnn-hidden", args.rnn_hidden),
                         ("--rnn-embd", args.rnn_embd)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if not 0 <= args.rnn_dropout < 1:
-        raise UserError(f"--rnn-dropout must be in [0, 1), got {args.rnn_dropout}")
-    student = DistilRNN(RNNConfig(vocab_size=vocab_size, n_embd=args.rnn_embd, rnn_type=args.rnn_type,
+    for flag, value in (("--rnn-dropout", args.rnn_dropout), ("--embd-dropout", args.embd_dropout),
+                        ("--head-dropout", args.head_dropout)):
+        if not 0 <= value < 1:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if args.embd_weight_decay is not None and args.embd_weight_decay < 0:
+        raise UserError(f"--embd-weight-decay must be >= 0, got {args.embd_weight_decay}")
+
+
+def build_student(args, gpt=None):
+    """A fresh DistilRNN, its embeddings optionally initialised from GPT-2's."""
+    from model import DistilRNN, RNNConfig
+    from utils import VOCAB_SIZE
+    student = DistilRNN(RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type,
                                   n_layers=args.rnn_layers, hidden=args.rnn_hidden,
-                                  bidirectional=args.bidirectional, dropout=args.rnn_dropout))
-    if args.init_embeddings == "gpt2":
-        token_embeddings = gpt.transformer.wte.weight.detach().t().float()  # (vocab, n_embd)
-        if token_embeddings.size(1) != args.rnn_embd:
-            # keep the directions along which GPT-2's embeddings vary most (PCA)
-            centred = token_embeddings - token_embeddings.mean(0)
-            _, _, v = torch.linalg.svd(centred, full_matrices=False)
-            token_embeddings = centred @ v[:args.rnn_embd].t()
-            if token_embeddings.size(1) < args.rnn_embd:
-                raise UserError(f"--rnn-embd {args.rnn_embd} exceeds GPT-2's embedding size "
-                                f"{gpt.config.n_embd}; --init-embeddings gpt2 can only shrink it")
-        with torch.no_grad():
-            student.embedding.weight.copy_(token_embeddings)
+                                  bidirectional=args.bidirectional, dropout=args.rnn_dropout,
+                                  embd_dropout=args.embd_dropout, head_dropout=args.head_dropout))
+    if gpt is not None:
+        if args.rnn_embd > gpt.config.n_embd:
+            raise UserError(f"--rnn-embd {args.rnn_embd} exceeds GPT-2's embedding size "
+                            f"{gpt.config.n_embd}; --init-embeddings gpt2 can only shrink it")
+        student.init_embeddings(gpt.transformer.wte.weight.detach().t())
     return student
 
 
-def run_rnn(args, teacher=None):
-    """rnn mode, and the student half of distil (teacher = a Teacher, or None)."""
-    from train_utils import save_student
-    from utils import barrier, is_main_process, seed_everything
+def run_rnn(args):
+    """rnn: the DistilRNN trained on the labels alone, the baseline of distil."""
     device = prepare(args)
     data = load_data(args)
+    train_student(args, device, data)
+
+
+def train_student(args, device, data, loss_fn=None, record_extra=None, teacher_val_predictions=None):
+    """Build the DistilRNN (seeded right before, so rnn and distil start from the same
+    weights and see the same batches whatever the teacher did with the RNG), train it
+    and save the best epoch's student."""
+    from train_utils import save_student
+    from utils import is_main_process, seed_everything
     gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
-    loss_fn, epoch_extra, extra_record = None, None, {}
-    if teacher is not None:
-        if not is_main_process():
-            barrier()  # let rank 0 fill the teacher cache, then read it
-        loss_fn, epoch_extra, extra_record = teacher.prepare(args, data, device)
-        if is_main_process():
-            barrier()
-    # Seeded right before the student is built, so rnn and distil start from the same
-    # weights and see the same batches whatever the teacher did with the RNG.
     seed_everything(args.seed)
-    student = build_student(args, vocab_size=50257, gpt=gpt).to(device)
+    student = build_student(args, gpt=gpt).to(device)
     del gpt
     record = run_record(args, student, device, data)
-    record.update(extra_record)
+    record.update(record_extra or {})
 
     def save_best(_):
         save_student(student, args.out_dir, {"trained_by": args.mode})
-    record = train_and_report(args, student, device, data, record, save_best, loss_fn, epoch_extra)
+    record = train_and_report(args, student, device, data, record, save_best, loss_fn, teacher_val_predictions)
     if is_main_process() and len(record["epochs"]) == args.epochs:
         plot_rnn_vs_distil(args)
 
@@ -460,15 +487,87 @@ def plot_rnn_vs_distil(args):
     info(f"wrote {path}")
 
 
-def run_distil(args):
-    from train_utils import Teacher
+def validate_distil(args):
     if args.kd_temperature <= 0:
         raise UserError(f"--kd-temperature must be > 0, got {args.kd_temperature}")
     if not 0 <= args.kd_alpha <= 1:
         raise UserError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
+    if args.augment < 0:
+        raise UserError(f"--augment must be >= 0, got {args.augment}")
+    for flag, value in (("--mask-prob", args.mask_prob), ("--swap-prob", args.swap_prob),
+                        ("--ngram-prob", args.ngram_prob)):
+        if not 0 <= value <= 1:
+            raise UserError(f"{flag} must be in [0, 1], got {value}")
+    if args.mask_prob + args.swap_prob > 1:
+        raise UserError("--mask-prob + --swap-prob must be <= 1: a word is masked or swapped, not both")
+    if args.max_ngram < 1:
+        raise UserError(f"--max-ngram must be >= 1, got {args.max_ngram}")
+    if args.augment and args.teacher_logits:
+        raise UserError("--augment needs a teacher to label the synthetic sentences; --teacher-logits gives only "
+                        "the training sentences' logits: pass --teacher DIR, or --augment 0")
+    if args.augment and args.kd_alpha == 0:
+        raise UserError("--augment with --kd-alpha 0: synthetic sentences have no gold label, so they would teach "
+                        "nothing; raise --kd-alpha or pass --augment 0")
+
+
+def run_distil(args):
+    """distil: the DistilRNN trained on the teacher's logits (and the labels), over
+    the training sentences and, with --augment N, N synthetic sentences each."""
+    import torch
+    from train_utils import DistilLoss, accuracy, cached_teacher_logits, load_teacher, matthews_corrcoef, \
+        read_logits, teacher_cache_dir
+    from utils import AugmentConfig, Split, TokenizedSplit, augment, barrier, encode, is_main_process
+    validate_distil(args)
     if args.teacher_logits is None and args.teacher is None:
         args.teacher = "runs/LoRA"
-    run_rnn(args, Teacher(args.teacher, args.teacher_logits, args.weights))
+    # the teacher before the data: a missing teacher is the quicker mistake to report
+    teacher = None if args.teacher_logits else load_teacher(args.teacher, args.weights)
+    device = prepare(args)
+    train_set, val_set = load_data(args)
+    teacher_record = {"val_acc": None, "val_mcc": None}
+    val_predictions = None
+    if teacher is None:
+        train_logits = read_logits(args.teacher_logits, len(train_set))
+        teacher_record["source"] = os.path.abspath(args.teacher_logits)
+        transfer = train_set
+    else:
+        teacher_record["source"] = os.path.abspath(args.teacher)
+        cfg = AugmentConfig(copies=args.augment, mask_prob=args.mask_prob, swap_prob=args.swap_prob,
+                            ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
+        synthetic = augment(train_set.split.sentences, cfg) if args.augment else []
+        texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
+        if synthetic:
+            texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
+        cache_dir = args.teacher_cache or teacher_cache_dir(teacher.directory)
+        # rank 0 runs the teacher (no collectives inside) and fills the cache; the others read it
+        if is_main_process():
+            logits = cached_teacher_logits(teacher, texts, cache_dir, device)
+        barrier()
+        if not is_main_process():
+            logits = cached_teacher_logits(teacher, texts, cache_dir, device)
+        val_predictions = logits["val"].argmax(-1)
+        teacher_record["val_acc"] = accuracy(val_predictions, val_set.labels)
+        teacher_record["val_mcc"] = matthews_corrcoef(val_predictions, val_set.labels)
+        info(f"teacher ({teacher.description}) on validation: acc {teacher_record['val_acc']:.4f} "
+             f"MCC {teacher_record['val_mcc']:.4f}")
+        train_logits = logits["train"]
+        transfer = train_set
+        if synthetic:
+            # the student reads a masked word as the unknown word; GPT-2's stand-in is end-of-text
+            student_texts = [s.render("<|endoftext|>") for s in synthetic]
+            transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
+                                            train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
+                                      tokens=train_set.tokens + [encode(text) for text in student_texts])
+            train_logits = torch.cat([train_logits, logits["augment"]])
+            info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
+                 f"({args.augment} each)")
+    loss_fn = DistilLoss(train_logits.to(device), args.kd_alpha, args.kd_temperature, args.kd_loss)
+    extra = {"teacher": teacher_record,
+             "distillation": {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "loss": args.kd_loss,
+                              "augment": args.augment, "mask_prob": args.mask_prob, "swap_prob": args.swap_prob,
+                              "ngram_prob": args.ngram_prob, "max_ngram": args.max_ngram,
+                              "transfer_sentences": len(transfer)}}
+    train_student(args, device, (transfer, val_set), loss_fn, extra, val_predictions)
 
 
 # ---------------------------------------------------------------------------

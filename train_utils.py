@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from utils import barrier, gather, info, world
+from utils import barrier, gather, info, one_line, world
 
 
 # ---------------------------------------------------------------------------
@@ -51,20 +51,21 @@ def accuracy(predictions, labels):
 # ---------------------------------------------------------------------------
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, kind="kl"):
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)
-    (Hinton et al. 2015). The T^2 keeps the soft term's gradients on the same
-    scale whatever the temperature. kind="mse" matches logits instead (Tang et
-    al. 2019, "Distilling task-specific knowledge from BERT into simple networks")."""
-    hard = F.cross_entropy(student_logits, labels)
+    """Per row alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, label),
+    averaged over the rows (Hinton et al. 2015). The T^2 keeps the soft term's
+    gradients on the same scale whatever the temperature. kind="mse" matches logits
+    instead (Tang et al. 2019). A row labelled -1 (a synthetic sentence: no gold
+    label) gets the teacher term only."""
     if alpha == 0:
-        return hard
+        return F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits, labels, ignore_index=-1, reduction="none")
     if kind == "mse":
-        soft = F.mse_loss(student_logits, teacher_logits)
+        soft = (student_logits - teacher_logits).pow(2).mean(-1)
     else:
         soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
                         F.log_softmax(teacher_logits / temperature, dim=-1),
-                        reduction="batchmean", log_target=True) * temperature ** 2
-    return alpha * soft + (1 - alpha) * hard
+                        reduction="none", log_target=True).sum(-1) * temperature ** 2
+    return (alpha * soft + (1 - alpha) * hard).mean()
 
 
 def cross_entropy_loss(logits, batch):
@@ -85,6 +86,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06     # share of all steps spent warming the lr up linearly
     grad_clip: float = 1.0         # max gradient norm; 0 turns clipping off
     seed: int = 0
+    embd_weight_decay: float = None  # adamw's weight decay on a student's token embedding; None: weight_decay
 
 
 def autocast_for(device):
@@ -94,10 +96,19 @@ def autocast_for(device):
     return nullcontext()
 
 
-def make_optimizer(params, cfg: TrainConfig):
+def make_optimizer(named_params, cfg: TrainConfig):
+    """Adam or AdamW over (name, parameter) pairs. The fused kernel updates each
+    tensor in one pass over memory: the DistilRNN's 50257x768 embedding makes the
+    step memory-bound, and the fused step is ~10x faster on CPU than the default."""
+    device_type = named_params[0][1].device.type
+    fused = dict(fused=True) if device_type in ("cpu", "cuda") else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam([p for _, p in named_params], lr=cfg.lr, **fused)
+    embedding = [p for n, p in named_params if n == "embedding.weight"]
+    others = [p for n, p in named_params if n != "embedding.weight"]
+    embd_decay = cfg.weight_decay if cfg.embd_weight_decay is None else cfg.embd_weight_decay
+    groups = [{"params": others}] + ([{"params": embedding, "weight_decay": embd_decay}] if embedding else [])
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def make_scheduler(optimizer, total_steps, warmup_ratio):
@@ -146,7 +157,7 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
     over all the epoch's sentences (gathered from every rank under torchrun)."""
     rank, size = world()
     model.train()
-    loss_sum, predictions, labels = 0.0, [], []
+    loss_sum, rows, predictions, labels = 0.0, 0, [], []
     for batch in batches:
         local = batch.shard(rank, size)
         if len(local.labels) == 0:  # fewer sentences than ranks: join in with a zero-weight row
@@ -168,15 +179,17 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
         loss_value = loss.item()
         if weight:
             loss_sum += loss_value * len(local.labels)
-            predictions.append(logits.detach().argmax(-1).cpu())
-            labels.append(local.labels)
+            rows += len(local.labels)
+            real = local.labels >= 0  # synthetic sentences (label -1) have no accuracy to count
+            predictions.append(logits.detach().argmax(-1).cpu()[real])
+            labels.append(local.labels[real])
         if bar is not None:
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}")
-    parts = gather((loss_sum, predictions, labels))
-    labels = torch.cat([t for p in parts for t in p[2]])
-    predictions = torch.cat([t for p in parts for t in p[1]])
-    return sum(p[0] for p in parts) / len(labels), predictions, labels
+    parts = gather((loss_sum, rows, predictions, labels))
+    predictions = torch.cat([t for p in parts for t in p[2]])
+    labels = torch.cat([t for p in parts for t in p[3]])
+    return sum(p[0] for p in parts) / sum(p[1] for p in parts), predictions, labels
 
 
 def make_training(model, cfg: TrainConfig, batches_per_epoch):
@@ -184,8 +197,9 @@ def make_training(model, cfg: TrainConfig, batches_per_epoch):
     # Tiny gradients and Adam's squared averages of them underflow into denormal
     # floats, which x86 CPUs process up to 100x slower; zero is as good here.
     torch.set_flush_denormal(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = make_optimizer(named, cfg)
     scheduler = make_scheduler(optimizer, batches_per_epoch * cfg.epochs, cfg.warmup_ratio)
     return params, optimizer, scheduler
 
@@ -511,7 +525,8 @@ def load_lora_classifier(adapter_dir, weights=None):
         raise CheckpointError(f"{adapter_dir}/adapter_config.json names no base model; pass --weights DIR")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    gpt = GPT.from_pretrained(base)
+    from utils import gpt2_directory
+    gpt = GPT.from_pretrained(gpt2_directory(base))
     try:
         add_lora(gpt, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]))
     except (KeyError, ValueError) as e:
@@ -584,103 +599,218 @@ def load_classifier(checkpoint, weights=None):
 # Distillation teacher
 # ---------------------------------------------------------------------------
 
-class Teacher:
-    """The teacher's logits for distil: from a LoRA run (computed once, then cached
-    on disk keyed by the teacher checkpoint and the data) or from a .npy file."""
+class DistilLoss:
+    """The loss of distil: distillation_loss against the teacher's logits of each
+    batch row. Rows of the transfer set past the real sentences are synthetic
+    (label -1): they get the teacher term only."""
 
-    def __init__(self, checkpoint=None, logits_file=None, weights=None):
-        self.checkpoint, self.logits_file, self.weights = checkpoint, logits_file, weights
+    def __init__(self, teacher_logits, alpha=0.5, temperature=2.0, kind="kl"):
+        self.teacher_logits, self.alpha, self.temperature, self.kind = teacher_logits, alpha, temperature, kind
 
-    def prepare(self, args, data, device):
-        """(loss_fn, per-epoch extra metrics, extra metrics.json fields) for fit."""
-        train_set, val_set = data
-        if self.logits_file is not None:
-            train_logits, val_logits = read_logits(self.logits_file, len(train_set)), None
-            source = os.path.abspath(self.logits_file)
-        else:
-            train_logits, val_logits = self.cached_logits(train_set, val_set, device)
-            source = os.path.abspath(self.checkpoint)
-        teacher_record = {"source": source, "val_acc": None, "val_mcc": None}
-        if val_logits is not None:
-            teacher_predictions = val_logits.argmax(-1)
-            teacher_record["val_acc"] = accuracy(teacher_predictions, val_set.labels)
-            teacher_record["val_mcc"] = matthews_corrcoef(teacher_predictions, val_set.labels)
-            info(f"teacher on validation: acc {teacher_record['val_acc']:.4f} MCC {teacher_record['val_mcc']:.4f}")
-        train_logits = train_logits.to(device)
+    def __call__(self, student_logits, batch):
+        rows = batch.rows.to(self.teacher_logits.device)
+        return distillation_loss(student_logits, self.teacher_logits[rows].to(student_logits.device), batch.labels,
+                                 self.alpha, self.temperature, self.kind)
 
-        def loss_fn(student_logits, batch):
-            return distillation_loss(student_logits, train_logits[batch.rows.to(device)], batch.labels,
-                                     args.kd_alpha, args.kd_temperature, args.kd_loss)
 
-        def epoch_extra(val):
-            if val_logits is None:
-                return {}
-            return {"val_agreement": accuracy(val["logits"].argmax(-1), teacher_predictions)}
+@torch.no_grad()
+def predict_logits(model, batches, device):
+    """Logits of every row of batches, in the split's row order, computed by this
+    process alone (no collectives: safe on one rank of several)."""
+    model.eval()
+    logits, rows = [], []
+    for batch in batches:
+        batch_on_device = batch.to(device)
+        with autocast_for(device):
+            logits.append(model(batch_on_device.idx, batch_on_device.lengths).float().cpu())
+        rows.append(batch.rows)
+    logits, rows = torch.cat(logits), torch.cat(rows)
+    return logits[rows.argsort()]
 
-        extra = {"teacher": teacher_record,
-                 "distillation": {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "loss": args.kd_loss}}
-        return loss_fn, epoch_extra, extra
 
-    def cached_logits(self, train_set, val_set, device):
-        if not os.path.isdir(self.checkpoint) or find_adapter_dir(self.checkpoint) is None:
-            raise CheckpointError(f"teacher {self.checkpoint} is not a LoRA run directory (no adapter/); "
-                                  "train one with `python run.py LoRA` or pass --teacher DIR / --teacher-logits FILE")
-        cache_dir = os.path.join(self.checkpoint, "teacher_logits")
-        key = self.cache_key()
-        paths = {name: os.path.join(cache_dir, f"{name}-{teacher_data_key(key, split)}.npy")
-                 for name, split in (("train", train_set), ("val", val_set))}
-        logits = {}
-        for name, split in (("train", train_set), ("val", val_set)):
-            if os.path.isfile(paths[name]):
-                try:
-                    logits[name] = read_logits(paths[name], len(split))
-                    info(f"teacher logits ({name}) from cache {paths[name]}")
-                except CheckpointError as e:
-                    info(f"warning: {e}; recomputing it")
-        missing = [name for name in ("train", "val") if name not in logits]
-        if missing:
-            model, description = load_classifier(self.checkpoint, self.weights)
-            model.to(device)
-            for name in missing:
-                split = (train_set if name == "train" else val_set).cropped(model.max_len)
-                info(f"running the teacher ({description}) over {len(split)} {name} sentences, once")
-                logits[name] = evaluate(model, split.batches(128), device)["logits"]
-                save_logits(paths[name], logits[name])
-            del model
-        # older caches of this teacher (other data or an earlier checkpoint) are stale
-        for name in os.listdir(cache_dir):
-            if name.endswith(".npy") and os.path.join(cache_dir, name) not in paths.values():
-                os.remove(os.path.join(cache_dir, name))
-        return logits["train"], logits["val"]
+def precision_of(device):
+    """How a model's outputs are computed on device: part of every teacher cache key."""
+    return "bf16-autocast" if device.type == "cuda" else "float32"
 
-    def cache_key(self):
-        """Digest of everything the teacher's outputs depend on: its adapter files and
-        its base weights (path, size and modification time: hashing GBs each run
-        would cost more than the cache saves)."""
-        adapter_dir = find_adapter_dir(self.checkpoint)
+
+class LoRATeacher:
+    """A LoRA run's GPT-2 classifier as the teacher."""
+    mask_token = "<|endoftext|>"  # GPT-2 has no mask or unknown token; end-of-text stands in
+
+    def __init__(self, run_dir, weights=None):
+        self.directory, self.weights = run_dir, weights
+        self.adapter_dir = find_adapter_dir(run_dir)
+        self.base = weights or read_json(os.path.join(self.adapter_dir, "adapter_config.json"),
+                                         "a LoRA adapter").get("base_model_name_or_path", "")
+        self.description = f"GPT-2 + LoRA from {run_dir}"
+        self._model = None
+
+    def key(self):
+        """Digest of everything the outputs depend on: the adapter files and the base
+        weights (its resolved file: for a hub id that names the revision; path, size
+        and modification time, since hashing GBs each run would cost more than the
+        cache saves)."""
+        from model import _checkpoint_files
+        from utils import gpt2_directory
         digest = hashlib.sha256()
         for name in ("adapter_config.json", "adapter_model.safetensors"):
-            path = os.path.join(adapter_dir, name)
+            path = os.path.join(self.adapter_dir, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"teacher checkpoint file {path} is missing; re-run LoRA training")
-            with open(path, "rb") as f:
-                digest.update(f.read())
-        base = self.weights or read_json(os.path.join(adapter_dir, "adapter_config.json"),
-                                         "a LoRA adapter").get("base_model_name_or_path", "")
-        digest.update(str(base).encode())
-        if base and os.path.isdir(base):
-            for name in sorted(os.listdir(base)):
-                stat = os.stat(os.path.join(base, name))
-                digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(_file_digest(path).encode())
+        for path in _checkpoint_files(gpt2_directory(self.base)):
+            stat = os.stat(path)
+            digest.update(f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
 
+    def logits(self, texts, device):
+        from utils import Split, TokenizedSplit
+        if self._model is None:
+            self._model, _ = load_lora_classifier(self.adapter_dir, self.weights)
+        model = self._model.to(device)
+        split = TokenizedSplit(Split(texts, [0] * len(texts), "teacher input"), model.max_len)
+        return predict_logits(model, split.batches(128), device)
 
-def teacher_data_key(teacher_key, split):
-    """Cache file key: the teacher's digest plus the split's token ids and labels."""
-    digest = hashlib.sha256(teacher_key.encode())
-    digest.update(json.dumps(split.tokens).encode())
-    digest.update(json.dumps(split.labels.tolist()).encode())
-    return digest.hexdigest()[:20]
+
+# files a Hugging Face tokenizer directory may carry its vocabulary in
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+class HFTeacher:
+    """Any local Hugging Face sequence classifier with 2 labels (BERT, MiniLM,
+    RoBERTa, a fine-tuned GPT-2, ...) as the teacher, with its own tokenizer."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        config = read_json(os.path.join(directory, "config.json"), "a Hugging Face model directory")
+        architectures = config.get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise CheckpointError(f"teacher {directory} is a {'/'.join(architectures) or 'model'} without a "
+                                  "classification head; the teacher must be a LoRA run or a "
+                                  "*ForSequenceClassification directory")
+        labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+        if labels != 2:
+            raise CheckpointError(f"teacher {directory} has {labels} labels; CoLA needs a classifier with 2 "
+                                  "(label 1 = acceptable)")
+        if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+            raise CheckpointError(f"teacher {directory} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)});"
+                                  " save the tokenizer next to the model: tokenizer.save_pretrained(DIR)")
+        self.architecture = architectures[0]
+        self.description = f"{self.architecture} from {directory}"
+        self._tokenizer = self._model = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.directory)
+            except Exception as e:
+                raise CheckpointError(f"teacher {self.directory}: its tokenizer does not load "
+                                      f"({one_line(e)})") from None
+        return self._tokenizer
+
+    @property
+    def mask_token(self):
+        return self.tokenizer.mask_token or self.tokenizer.unk_token or ""
+
+    def key(self):
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if os.path.isfile(path):
+                digest.update(f"{name}:{_file_digest(path)}".encode())
+        return digest.hexdigest()
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForSequenceClassification
+            from transformers.utils import logging
+            logging.disable_progress_bar()
+            try:  # float32 whatever the files hold: float16 matmuls are slow or missing on CPUs
+                self._model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32)
+            except Exception as e:
+                raise CheckpointError(f"teacher {self.directory} does not load ({one_line(e)})") from None
+            if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers: pad with end-of-text, masked anyway
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+                self._model.config.pad_token_id = self.tokenizer.pad_token_id
+        return self._model
+
+    def logits(self, texts, device, batch_size=128):
+        tokenizer = self.tokenizer
+        model = self.model.to(device).eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length
+        out = torch.empty(len(texts), model.config.num_labels)
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                encoded = tokenizer([texts[i] for i in rows], padding=True, truncation=True, return_tensors="pt")
+                with autocast_for(device):
+                    out[rows] = model(**encoded.to(device)).logits.float().cpu()
+        return out
+
+
+def load_teacher(directory, weights=None):
+    """The teacher in directory: a LoRA run, or a Hugging Face classifier."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"teacher {directory} does not exist; train one with `python run.py LoRA`, or "
+                              "pass --teacher DIR (a LoRA run or a Hugging Face classifier) or --teacher-logits FILE")
+    if find_adapter_dir(directory) is not None:
+        return LoRATeacher(directory, weights)
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return HFTeacher(directory)
+    raise CheckpointError(f"teacher {directory} is neither a LoRA run (no adapter/) nor a Hugging Face classifier "
+                          "(no config.json)")
+
+
+def teacher_cache_dir(teacher_dir):
+    """Where a teacher's logits are cached: next to it, or in the user's cache when
+    its directory is read-only (a shared teacher)."""
+    own = os.path.join(teacher_dir, "teacher_logits")
+    if os.access(teacher_dir, os.W_OK):
+        return own
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = hashlib.sha256(os.path.realpath(teacher_dir).encode()).hexdigest()[:16]
+    return os.path.join(base, "gpt2-lora-distil", "teacher_logits", name)
+
+
+def cached_teacher_logits(teacher, texts_by_name, cache_dir, device):
+    """{name: logits} of the teacher for each list of texts, computed once and
+    cached as cache_dir/<name>-<teacher key>-<input key>.npy. The teacher key
+    covers its files and the precision it ran in; the input key the texts, so
+    other data or another augmentation get files of their own. Caches of an
+    earlier version of this teacher are removed; other splits are kept."""
+    teacher_key = hashlib.sha256(f"{teacher.key()}|{precision_of(device)}".encode()).hexdigest()[:16]
+    logits, paths = {}, {}
+    for name, texts in texts_by_name.items():
+        input_key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+        paths[name] = os.path.join(cache_dir, f"{name}-{teacher_key}-{input_key}.npy")
+        if os.path.isfile(paths[name]):
+            try:
+                logits[name] = read_logits(paths[name], len(texts))
+                info(f"teacher logits ({name}) from cache {paths[name]}")
+            except CheckpointError as e:
+                info(f"warning: {e}; recomputing it")
+    for name, texts in texts_by_name.items():
+        if name not in logits:
+            info(f"running the teacher ({teacher.description}) over {len(texts)} {name} sentences, once")
+            logits[name] = teacher.logits(texts, device)
+            save_logits(paths[name], logits[name])
+    for name in os.listdir(cache_dir):
+        parts = name.split("-")
+        if name.endswith(".npy") and len(parts) == 3 and parts[1] != teacher_key:
+            os.remove(os.path.join(cache_dir, name))
+    return logits
+
+
+def _file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_logits(path, rows):

@@ -1,8 +1,10 @@
-"""Tokenizer, CoLA loading, batching, seeding and devices."""
+"""Below the model: the hub, the tokenizer, CoLA loading and augmentation, batching,
+seeding, devices and torchrun helpers. Never imports model.py."""
 import csv
 import hashlib
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -10,7 +12,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from model import EOT_TOKEN
 
 
 class UserError(Exception):
@@ -69,8 +70,70 @@ def barrier():
 
 
 # ---------------------------------------------------------------------------
+# Pretrained GPT-2 on the Hugging Face hub
+# ---------------------------------------------------------------------------
+
+# Hugging Face hub ids of the OpenAI checkpoints.
+HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+           "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+WEIGHTS_HINT = ("download it on a machine with internet and pass --weights DIR "
+                "(a directory with config.json + model.safetensors)")
+
+
+def gpt2_directory(name_or_path):
+    """A local directory holding the GPT-2 checkpoint name_or_path: the directory
+    itself, or the hub snapshot of a preset name / hub id, from the cache if it is
+    there, else downloaded (its path names the revision)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    # hub ids are "name" or "owner/name"; anything else is a directory that is not there
+    looks_like_path = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"weights directory {name_or_path} does not exist")
+    repo_id = HUB_IDS.get(name_or_path, name_or_path)
+    from huggingface_hub import constants, hf_hub_download
+    files = ("config.json", "model.safetensors")
+    try:  # the cache first: no network needed for weights downloaded before
+        return os.path.dirname([hf_hub_download(repo_id, f, local_files_only=True) for f in files][0])
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {WEIGHTS_HINT}")
+    if not hub_reachable():
+        raise UserError(f"the Hugging Face hub is not reachable and '{repo_id}' is not cached; {WEIGHTS_HINT}")
+    try:
+        return os.path.dirname([hf_hub_download(repo_id, f) for f in files][0])
+    except Exception as e:  # unknown repo, network trouble, no such file: all end the same way for the user
+        raise UserError(f"could not get '{repo_id}' from the Hugging Face hub ({one_line(e)[:160]}); "
+                        f"{WEIGHTS_HINT}") from None
+
+
+def hub_reachable():
+    """Whether the hub's host resolves: fail in a moment, not after the hub
+    client's half-minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+def one_line(error):
+    """An exception as one line for an error message (its type if it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------
+
+EOT_TOKEN = 50256    # <|endoftext|>: ends a text, pads batches, and stands in for an unknown word
+VOCAB_SIZE = 50257   # 50,000 merges + 256 byte tokens + <|endoftext|>
 
 # sha256 of OpenAI's GPT-2 BPE files, the same values tiktoken checks after a download.
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -107,7 +170,7 @@ def get_tokenizer():
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
                                             vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
 
 
 def encode(text):
@@ -342,3 +405,111 @@ class TokenizedSplit:
             groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = torch.randperm(len(groups), generator=generator).tolist()
         return [self.make_batch(groups[i]) for i in order]
+
+
+# ---------------------------------------------------------------------------
+# Transfer-set augmentation (Tang et al. 2019, "Distilling task-specific
+# knowledge from BERT into simple neural networks", section 3.2)
+# ---------------------------------------------------------------------------
+
+_WORD_OR_MARK = re.compile(r"(\s*)(\w+(?:['’]\w+)*|[^\w\s])")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    copies: int = 0             # synthetic sentences per training sentence (--augment)
+    mask_prob: float = 0.1      # a word becomes the mask token
+    swap_prob: float = 0.1      # a word becomes another word of the same kind
+    ngram_prob: float = 0.25    # the sentence is cut to one of its n-grams...
+    max_ngram: int = 5          # ...of 1 to max_ngram words
+    seed: int = 0
+
+
+class Synthetic:
+    """A synthetic sentence: pieces (space before, word); word None is masked.
+    Each model renders the mask as its own: BERT's [MASK], the unknown word
+    for the others (GPT-2 has neither, so the end-of-text token stands in)."""
+
+    def __init__(self, pieces):
+        self.pieces = tuple(pieces)
+
+    def render(self, mask):
+        text = "".join(space + (mask if word is None else word) for space, word in self.pieces)
+        return text.strip()
+
+
+def split_words(sentence):
+    """(space before, word or punctuation mark) pieces that join back into sentence."""
+    return [(m.group(1), m.group(2)) for m in _WORD_OR_MARK.finditer(sentence)]
+
+
+class WordSwapper:
+    """Tang et al. replace a word by another of the same part of speech, drawn by
+    frequency. No English tagger here works offline, so "same kind" is found the
+    way distributional linguistics finds word classes: words that fill the same
+    slot. A word is swapped for one seen elsewhere in the training sentences
+    between the same left and right neighbours; failing that, after the same left
+    neighbour; failing that, before the same right neighbour."""
+
+    def __init__(self, sentences):
+        from collections import Counter, defaultdict
+        self.slots = defaultdict(Counter)
+        for sentence in sentences:
+            for key, word in self._slots_of([w for _, w in split_words(sentence)]):
+                self.slots[key][word.lower()] += 1
+        # sorted once, so sampling depends on the seed only, not on dict order
+        self.choices = {key: (sorted(c), [c[w] for w in sorted(c)]) for key, c in self.slots.items()}
+
+    @staticmethod
+    def _slots_of(words):
+        """((kind, context), word) for every word (not punctuation) of a sentence."""
+        for i, word in enumerate(words):
+            if not word[0].isalnum():
+                continue
+            left = words[i - 1].lower() if i > 0 else "<s>"
+            right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
+            yield ("both", left, right), word
+            yield ("left", left), word
+            yield ("right", right), word
+
+    def swap(self, words, i, rng):
+        """A word of the same kind as words[i] in its slot, or words[i] if none is known."""
+        word = words[i]
+        left = words[i - 1].lower() if i > 0 else "<s>"
+        right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
+        for key in (("both", left, right), ("left", left), ("right", right)):
+            candidates, counts = self.choices.get(key, ((), ()))
+            options = [(c, n) for c, n in zip(candidates, counts) if c != word.lower()]
+            if options:
+                new = rng.choices([c for c, _ in options], [n for _, n in options])[0]
+                return new[0].upper() + new[1:] if word[0].isupper() else new
+        return word
+
+
+def augment(sentences, cfg: AugmentConfig, swapper=None):
+    """cfg.copies synthetic sentences per sentence, all of one sentence's copies
+    together, reproducible for cfg.seed: each word is masked with mask_prob, else
+    swapped for a word of the same kind with swap_prob; then with ngram_prob only
+    a random n-gram of 1 to max_ngram words is kept."""
+    rng = random.Random(cfg.seed)
+    swapper = swapper or WordSwapper(sentences)
+    out = []
+    for sentence in sentences:
+        pieces = split_words(sentence)
+        words = [w for _, w in pieces]
+        for _ in range(cfg.copies):
+            new = []
+            for i, (space, word) in enumerate(pieces):
+                if word[0].isalnum():
+                    u = rng.random()
+                    if u < cfg.mask_prob:
+                        word = None
+                    elif u < cfg.mask_prob + cfg.swap_prob:
+                        word = swapper.swap(words, i, rng)
+                new.append((space, word))
+            if len(new) > 1 and rng.random() < cfg.ngram_prob:
+                n = rng.randint(1, min(cfg.max_ngram, len(new)))
+                start = rng.randint(0, len(new) - n)
+                new = [("", new[start][1])] + new[start + 1:start + n]
+            out.append(Synthetic(new))
+    return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cola import STUDENT, SUBSET_ROWS, assert_error, cli, common, lora_subset_run, subset_dir
 from model import DistilRNN, RNNConfig
-from train_utils import Teacher, accuracy, distillation_loss, evaluate, load_classifier, load_student
+from train_utils import DistilLoss, accuracy, distillation_loss, evaluate, load_classifier, load_student
 from utils import Split, TokenizedSplit, encode, load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -143,17 +143,11 @@ def test_distilrnn_rejects_unknown_type():
 # Teacher.prepare: the right teacher row for every sentence of a shuffled batch
 # ---------------------------------------------------------------------------
 
-def test_teacher_logits_follow_the_rows_of_shuffled_batches(tmp_path):
+def test_teacher_logits_follow_the_rows_of_shuffled_batches():
     sentences = [f"Sentence {'very ' * (i % 5)}number {i}." for i in range(20)]
     train = TokenizedSplit(Split(sentences, [i % 2 for i in range(20)], "train"))
-    val = TokenizedSplit(Split(sentences[:4], [0, 1, 0, 1], "val"))
     logits = torch.randn(20, 2)
-    path = tmp_path / "teacher.npy"
-    np.save(path, logits.numpy())
-    args = SimpleNamespace(kd_alpha=0.7, kd_temperature=3.0, kd_loss="kl")
-    loss_fn, epoch_extra, extra = Teacher(logits_file=str(path)).prepare(args, (train, val), torch.device("cpu"))
-    assert extra["teacher"]["source"] == os.path.abspath(path)
-    assert extra["distillation"] == {"alpha": 0.7, "temperature": 3.0, "loss": "kl"}
+    loss_fn = DistilLoss(logits, alpha=0.7, temperature=3.0, kind="kl")
     batches = train.batches(6, shuffle=True, generator=torch.Generator().manual_seed(1), bucket_batches=1)
     for batch in batches:
         student = torch.randn(len(batch.labels), 2)
@@ -161,7 +155,6 @@ def test_teacher_logits_follow_the_rows_of_shuffled_batches(tmp_path):
         assert torch.equal(loss_fn(student, batch), expected)
         assert not torch.equal(loss_fn(student, batch),
                                distillation_loss(student, logits[:len(batch.rows)], batch.labels, 0.7, 3.0, "kl"))
-    assert epoch_extra({"logits": torch.randn(4, 2)}) == {}  # no validation logits from a file
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +227,9 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     metrics = read_metrics(out)
     assert {"mode", "args", "params", "epochs", "best_epoch", "teacher", "distillation"} <= set(metrics)
     assert metrics["params"]["total"] == metrics["params"]["trainable"] > 0
-    assert metrics["distillation"] == {"alpha": 0.5, "temperature": 2.0, "loss": "kl"}
+    assert {k: metrics["distillation"][k] for k in ("alpha", "temperature", "loss", "augment")} == \
+        {"alpha": 0.5, "temperature": 2.0, "loss": "kl", "augment": 0}
+    assert metrics["distillation"]["transfer_sentences"] == SUBSET_ROWS["train"]
     for epoch in metrics["epochs"]:
         assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_mcc", "seconds",
                 "val_agreement"} <= set(epoch)
@@ -287,6 +282,7 @@ def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, c
     assert err.count("running the teacher") == 2  # train and validation, once each
     first = cache_files(teacher)
     assert [n.split("-")[0] for n in first] == ["train", "val"] and all(n.endswith(".npy") for n in first)
+    assert len({n.split("-")[1] for n in first}) == 1  # one teacher key
     cache = os.path.join(teacher, "teacher_logits")
     train_name = next(iter(first))
     train_logits = np.load(os.path.join(cache, train_name))
@@ -388,7 +384,8 @@ def test_bad_distil_flags(tmp_path, capsys, flags, fragment):
 def test_missing_or_wrong_teacher_dir(data, tmp_path, capsys):
     for teacher in (tmp_path / "no_such_teacher", tmp_path):
         code, out, err = cli(capsys, *distil_args(data, teacher, tmp_path / "out", tmp_path))
-        assert_error(code, out, err, str(teacher), "not a LoRA run directory", only_line=False)
+        assert_error(code, out, err, str(teacher), "does not exist" if "no_such" in str(teacher) else
+                     "neither a LoRA run", only_line=False)
     assert not os.path.exists(tmp_path / "out")
 
 
