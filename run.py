@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 from model import LORA_TARGETS, PRESETS, WeightsError
 from train_utils import CheckpointError, Interrupted
+import tune
 from utils import EOT_TOKEN, HUB_IDS, UserError, info
 
 # The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
@@ -130,9 +131,16 @@ def build_parser():
     evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
     add_common(evaluate)
 
-    report = modes.add_parser("tune-report", help="a --tune table sorted by validation MCC, and its plot")
+    report = modes.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
+                                                  "(n, mean ± std), sorted by validation MCC, and its plot")
     report.add_argument("table", help="e.g. tuning/LoRA.tsv")
     report.add_argument("--plots-dir", default="plots")
+
+    compare = modes.add_parser("compare", help="two runs or two seed sweeps: per-seed best validation MCC, "
+                                               "paired difference with 95%% CI, share of the teacher's MCC")
+    compare.add_argument("run_a", metavar="DIR_A", help="a run's out dir, or a sweep's (--tune \"seed=0,1,2\")")
+    compare.add_argument("run_b", metavar="DIR_B", help="the same for the other side; B - A is reported")
+    compare.add_argument("--plots-dir", default="plots")
     return parser
 
 
@@ -274,6 +282,7 @@ def run_stream(args, model, idx, generator):
 # ---------------------------------------------------------------------------
 
 def validate_training(args):
+    """Check the flags of a training mode: all of them, before any file is read."""
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -283,6 +292,12 @@ def validate_training(args):
         raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.grad_clip < 0 or args.weight_decay < 0:
         raise UserError("--grad-clip and --weight-decay must be >= 0")
+    if args.mode == "LoRA":
+        validate_lora(args)
+    else:
+        validate_student(args)
+    if args.mode == "distil":
+        validate_distil(args)
 
 
 def train_config(args):
@@ -367,12 +382,9 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
 
 
 def prepare(args):
-    """Validate, pick the device (joining torchrun's process group if there is
-    one) and seed everything from --seed."""
+    """Pick the device (joining torchrun's process group if there is one) and seed
+    everything from --seed."""
     from utils import init_distributed, resolve_device, seed_everything, world
-    validate_training(args)
-    if args.mode in ("rnn", "distil"):
-        validate_student(args)
     device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
     if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume_state.pt")):
         raise UserError(f"--resume: {args.out_dir} has no resume_state.pt; nothing to resume "
@@ -381,9 +393,7 @@ def prepare(args):
     return device
 
 
-def run_lora(args):
-    from model import GPTClassifier, add_lora
-    from train_utils import save_lora_adapter, set_trainable
+def validate_lora(args):
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
@@ -394,6 +404,12 @@ def run_lora(args):
         raise UserError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+
+
+def run_lora(args):
+    from model import GPTClassifier, add_lora
+    from train_utils import save_lora_adapter, set_trainable
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     device = prepare(args)
     gpt = load_gpt(args, device="cpu")
     data = load_data(args, gpt.config.block_size)
@@ -517,7 +533,6 @@ def run_distil(args):
     from train_utils import DistilLoss, accuracy, cached_teacher_logits, load_teacher, matthews_corrcoef, \
         read_logits, teacher_cache_dir
     from utils import AugmentConfig, Split, TokenizedSplit, augment, barrier, encode, is_main_process
-    validate_distil(args)
     if args.teacher_logits is None and args.teacher is None:
         args.teacher = "runs/LoRA"
     # the teacher before the data: a missing teacher is the quicker mistake to report
@@ -618,131 +633,9 @@ def run_eval(args):
     info(f"wrote {output}")
 
 
-# ---------------------------------------------------------------------------
-# Sweeps: --tune and tune-report
-# ---------------------------------------------------------------------------
-
-TUNE_COLUMNS = ("settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir", "fixed")
-
-
-def parse_grid(text, parser):
-    """'lr=1e-3,3e-4 lora_rank=4,8' -> [('lr', ['1e-3', '3e-4']), ('lora_rank', ['4', '8'])],
-    every name checked against the mode's flags."""
-    grid = []
-    for item in text.split():
-        name, _, values = item.partition("=")
-        name = name.strip().lstrip("-").replace("-", "_")
-        action = parser._option_string_actions.get("--" + name)
-        if not values or action is None or name in RUN_CONTROL:
-            raise UserError(f"--tune: {item!r} is not FLAG=V1,V2,... with a training flag of "
-                            f"{parser.prog} (e.g. lr=1e-3,3e-4)")
-        grid.append((name, [v for v in values.split(",") if v], action))
-    if not grid:
-        raise UserError('--tune needs at least one FLAG=V1,V2 (e.g. --tune "lr=1e-3,3e-4")')
-    return grid
-
-
-def run_tune(args, argv):
-    import csv
-    import itertools
-    import json
-    parser = build_parser()
-    mode_parser = parser._subparsers._group_actions[0].choices[args.mode]
-    grid = parse_grid(args.tune, mode_parser)
-    varied = {name for name, _, _ in grid}
-    fixed = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in varied and k not in RUN_CONTROL},
-                       sort_keys=True)
-    table = os.path.join(args.tuning_dir, f"{args.mode}.tsv")
-    done = set()
-    if os.path.isfile(table):
-        with open(table, newline="") as f:
-            done = {(row["settings"], row["fixed"]) for row in csv.DictReader(f, delimiter="\t")}
-    base_argv = drop_flag(argv, "--tune")
-    for values in itertools.product(*[v for _, v, _ in grid]):
-        settings = " ".join(f"{name}={value}" for (name, _, _), value in zip(grid, values))
-        if (settings, fixed) in done:
-            info(f"tune: {settings} already in {table}, skipped")
-            continue
-        run_argv = list(base_argv)
-        for (name, _, action), value in zip(grid, values):
-            run_argv = drop_flag(run_argv, "--" + name)
-            if action.nargs == 0:  # a switch: name=true / name=false
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise UserError(f"--tune: {name} is a switch; use {name}=true,false")
-                run_argv += ["--" + name] if value.lower() in ("true", "1") else []
-            else:
-                run_argv += ["--" + name, value]
-        out_dir = os.path.join(args.out_dir, settings.replace(" ", "_").replace("=", "-"))
-        run_args = parser.parse_args(drop_flag(run_argv, "--out-dir") + ["--out-dir", out_dir])
-        info(f"tune: {settings} -> {out_dir}")
-        RUNNERS[args.mode](run_args)
-        with open(os.path.join(out_dir, "metrics.json")) as f:
-            metrics = json.load(f)
-        best = metrics["epochs"][metrics["best_epoch"] - 1]
-        row = {"settings": settings, "best_epoch": metrics["best_epoch"], "val_acc": f"{best['val_acc']:.4f}",
-               "val_mcc": f"{best['val_mcc']:.4f}", "seconds": f"{sum(r['seconds'] for r in metrics['epochs']):.1f}",
-               "out_dir": out_dir, "fixed": fixed}
-        append_tsv_row(table, row)
-
-
-def drop_flag(argv, flag):
-    """argv without flag (either spelling) and its value."""
-    spellings = {flag, flag.replace("-", "_").replace("__", "--", 1)}
-    out, skip = [], False
-    for i, item in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = item.split("=", 1)[0]
-        if name in spellings:
-            takes_value = "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            skip = takes_value
-            continue
-        out.append(item)
-    return out
-
-
-def append_tsv_row(path, row):
-    """Append one row (header first if the file is new), flushed to disk at once."""
-    import csv
-    new = not os.path.isfile(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TUNE_COLUMNS, delimiter="\t")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def run_tune_report(args):
-    import csv
-    try:
-        with open(args.table, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    except OSError as e:
-        raise UserError(f"cannot read {args.table}: {e.strerror}") from None
-    if not rows or not {"settings", "val_mcc"} <= set(rows[0]):
-        raise UserError(f"{args.table} is not a tuning table written by --tune (no settings/val_mcc rows)")
-    try:
-        rows.sort(key=lambda r: -float(r["val_mcc"]))
-    except ValueError:
-        raise UserError(f"{args.table}: a val_mcc value is not a number") from None
-    width = max(len(r["settings"]) for r in rows)
-    print(f"{'settings':<{width}}  val_mcc  val_acc  best_epoch  seconds  out_dir")
-    for r in rows:
-        print(f"{r['settings']:<{width}}  {float(r['val_mcc']):7.4f}  {float(r['val_acc']):7.4f}  "
-              f"{r['best_epoch']:>10}  {r['seconds']:>7}  {r['out_dir']}")
-    from train_utils import plot_tuning
-    name = os.path.splitext(os.path.basename(args.table))[0]
-    path = os.path.join(args.plots_dir, f"tune_{name}.png")
-    plot_tuning(rows, path, f"sweep: {args.table}")
-    info(f"wrote {path}")
-
-
 RUNNERS = {"gen": run_gen, "LoRA": run_lora, "rnn": run_rnn, "distil": run_distil,
-           "predict": run_predict, "eval": run_eval, "tune-report": run_tune_report}
+           "predict": run_predict, "eval": run_eval, "tune-report": lambda args: tune.run_tune_report(args),
+           "compare": lambda args: tune.run_compare(args)}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 
@@ -750,8 +643,13 @@ def main(argv=None):
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        if args.mode in TRAINING_MODES:
+            validate_training(args)  # every flag, once, before any file is read
         if args.mode in TRAINING_MODES and args.tune:
-            run_tune(args, argv)
+            def runner(run_args):
+                validate_training(run_args)  # a grid value may be out of range
+                RUNNERS[args.mode](run_args)
+            tune.run_tune(args, argv, build_parser(), runner, RUN_CONTROL)
         else:
             RUNNERS[args.mode](args)
     except (UserError, WeightsError, CheckpointError) as e:

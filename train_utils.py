@@ -430,14 +430,36 @@ def plot_comparison(runs, path, title):
 
 
 def plot_tuning(rows, path, title):
-    """Validation MCC of every run of a sweep, best on top."""
+    """Mean best validation MCC of every setting of a sweep (+- std over seeds), best on top."""
     plt = _pyplot()
-    rows = sorted(rows, key=lambda r: float(r["val_mcc"]))
+    rows = sorted(rows, key=lambda r: r["val_mcc"])
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-    ax.barh([r["settings"] for r in rows], [float(r["val_mcc"]) for r in rows], color="tab:blue")
-    ax.set_xlabel("best validation MCC")
+    labels = [f"{r['settings']} (n={r['n']})" for r in rows]
+    ax.barh(labels, [r["val_mcc"] for r in rows], xerr=[r["val_mcc_std"] for r in rows], color="tab:blue",
+            capsize=3)
+    ax.set_xlabel("best validation MCC (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(plt, fig, path)
+
+
+def plot_compare(seeds, mcc_a, mcc_b, name_a, name_b, teacher_mcc, path):
+    """Best validation MCC per seed of two runs, paired seeds joined by a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for x, y in zip(mcc_a, mcc_b):
+        ax.plot([0, 1], [x, y], "-", color="0.7", zorder=1)
+    ax.scatter([0] * len(mcc_a), mcc_a, label=name_a, zorder=2)
+    ax.scatter([1] * len(mcc_b), mcc_b, label=name_b, zorder=2)
+    if teacher_mcc is not None:
+        ax.axhline(teacher_mcc, color="tab:red", linestyle="--", label="teacher")
+    ax.set_xticks([0, 1], [name_a, name_b])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel("best validation MCC")
+    ax.set_title(f"{len(seeds)} paired seed(s)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     _save_figure(plt, fig, path)
 

@@ -165,10 +165,14 @@ def test_sweep_rows_skipping_and_report(tmp_path, tmp_path_factory, tiny_ckpt, c
                             "--plots-dir", str(tmp_path / "plots"))
     assert code == 0, err
     lines = stdout.strip().splitlines()
-    assert lines[0].split()[:2] == ["settings", "val_mcc"]
-    mccs = [float(line.split("  ")[1]) if False else float(line.split()[-5]) for line in lines[1:]]
-    assert mccs == sorted(mccs, reverse=True) and len(mccs) == 5
-    assert os.path.getsize(tmp_path / "plots" / "tune_rnn.png") > 1000
+    assert lines[0].split()[:3] == ["settings", "n", "val_mcc"]
+    # five settings, none repeated with another seed: five lines of n = 1, best MCC first
+    assert [line.split()[-7] for line in lines[1:]] == ["1"] * 5
+    mccs = [float(line.split()[-6]) for line in lines[1:]]
+    assert mccs == sorted(mccs, reverse=True)
+    assert sorted(mccs) == sorted(float(r["val_mcc"]) for r in read_table(os.path.join(tuning, "rnn.tsv")))
+    with open(tmp_path / "plots" / "tune_rnn.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
 
 
 def test_bad_sweeps(tmp_path, capsys):

@@ -1,0 +1,181 @@
+"""A Hugging Face classifier as the teacher of distil: a tiny, randomly
+initialised BERT that these tests save themselves (stored as float16, as the
+shared MiniLM teacher is), end to end on the real CoLA files, its logits cache
+with the augmented transfer set, and every bad teacher's one-line error."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cola import STUDENT, assert_error, cli, cola_dir, common, subset_dir
+from utils import AugmentConfig, augment, load_cola
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """BertForSequenceClassification (2 layers, 32 wide) with a word-level vocabulary
+    of CoLA's training sentences, saved in float16 with its tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    train, _ = load_cola(cola_dir(), "in")
+    words = sorted({w for s in train.sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(5)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5)
+    BertForSequenceClassification(config).half().save_pretrained(path)
+    return str(path)
+
+
+def teacher_copy(tiny_bert, tmp_path):
+    return shutil.copytree(tiny_bert, tmp_path / "teacher")
+
+
+def reference_logits(teacher_dir, texts):
+    """The teacher's logits as transformers computes them, in float32, one sentence at a time."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+
+
+def cache_names(cache):
+    return sorted(os.listdir(cache))
+
+
+def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
+    teacher = teacher_copy(tiny_bert, tmp_path)
+    data = cola_dir()
+    argv = ["distil", *STUDENT, "--epochs", "1", "--data-dir", data, "--teacher", teacher, "--augment", "1",
+            "--out-dir", tmp_path / "distil", *common(tmp_path)]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert err.count("running the teacher") == 3  # train, val and the synthetic sentences, once each
+    with open(tmp_path / "distil" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["teacher"]["source"] == os.path.abspath(teacher)
+    assert metrics["distillation"]["augment"] == 1 and metrics["distillation"]["transfer_sentences"] == 2 * 8551
+    assert all("val_agreement" in e for e in metrics["epochs"])
+
+    cache = os.path.join(teacher, "teacher_logits")
+    names = cache_names(cache)
+    assert [n.split("-")[0] for n in names] == ["augment", "train", "val"]
+    logits = {n.split("-")[0]: np.load(os.path.join(cache, n)) for n in names}
+    assert logits["train"].shape == (8551, 2) and logits["val"].shape == (527, 2)
+    assert logits["augment"].shape == (8551, 2)
+    # the teacher's own float32 logits, with its own tokenizer and attention mask, batched by length or not
+    train, val = load_cola(data, "in")
+    rows = [0, 1, 4000, 8550]
+    torch.testing.assert_close(torch.from_numpy(logits["train"][rows]),
+                               reference_logits(teacher, [train.sentences[r] for r in rows]), atol=1e-4, rtol=1e-4)
+    # the teacher's validation metrics, as metrics.json records them
+    from train_utils import matthews_corrcoef
+    assert metrics["teacher"]["val_mcc"] == pytest.approx(matthews_corrcoef(logits["val"].argmax(-1), val.labels))
+    # synthetic sentences: the seed's augmentation, masks rendered as the teacher's [MASK]
+    synthetic = augment(train.sentences, AugmentConfig(copies=1, seed=0))
+    texts = [synthetic[r].render("[MASK]") for r in rows]
+    assert any("[MASK]" in s.render("[MASK]") for s in synthetic[:50])
+    torch.testing.assert_close(torch.from_numpy(logits["augment"][rows]), reference_logits(teacher, texts),
+                               atol=1e-4, rtol=1e-4)
+
+    # again: every logit from the cache
+    code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "again")
+    assert code == 0, err
+    assert "running the teacher" not in err and err.count("from cache") == 3
+    # other augmentation settings, or another seed: only the synthetic sentences are labelled anew,
+    # and the caches of the first augmentation stay
+    for extra in (["--mask-prob", "0.3"], ["--seed", "1"]):
+        code, _, err = cli(capsys, *argv, *extra, "--out-dir", tmp_path / "other")
+        assert code == 0, err
+        assert err.count("running the teacher") == 1 and "over 8551 augment sentences" in err
+        shutil.rmtree(tmp_path / "other")
+    assert set(names) < set(cache_names(cache)) and len(cache_names(cache)) == 5
+
+    # predict and eval need no teacher: the student stands alone
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", tmp_path / "distil", "The cat sat.")
+    assert code == 0, err and stdout.count("\n") == 1
+
+
+def test_teacher_cache_flag_and_changed_teacher(tiny_bert, tmp_path, tmp_path_factory, capsys):
+    teacher = teacher_copy(tiny_bert, tmp_path)
+    data = subset_dir(tmp_path_factory)
+    argv = ["distil", *STUDENT, "--epochs", "1", "--data-dir", data, "--teacher", teacher,
+            "--teacher-cache", tmp_path / "cache", "--out-dir", tmp_path / "distil", *common(tmp_path)]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    first = cache_names(tmp_path / "cache")
+    assert len(first) == 2 and not os.path.exists(os.path.join(teacher, "teacher_logits"))
+    # new weights: a new teacher key, and the old teacher's files are removed
+    from safetensors.torch import load_file, save_file
+    weights = os.path.join(teacher, "model.safetensors")
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "classifier.weight" in k)
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "again")
+    assert code == 0, err
+    assert err.count("running the teacher") == 2
+    second = cache_names(tmp_path / "cache")
+    assert len(second) == 2 and not set(first) & set(second)
+
+
+def write_config(directory, **changes):
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("breakage,fragment", [
+    ("three labels", "has 3 labels"),
+    ("no head", "without a classification head"),
+    ("no tokenizer", "no tokenizer files"),
+    ("empty", "neither a LoRA run"),
+    ("missing", "does not exist"),
+])
+def test_bad_teachers(tiny_bert, tmp_path, capsys, breakage, fragment):
+    teacher = teacher_copy(tiny_bert, tmp_path)
+    if breakage == "three labels":
+        write_config(teacher, id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    elif breakage == "no head":
+        write_config(teacher, architectures=["BertModel"])
+    elif breakage == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(os.path.join(teacher, name))
+    elif breakage == "empty":
+        shutil.rmtree(teacher)
+        os.mkdir(teacher)
+    else:
+        shutil.rmtree(teacher)
+    # the teacher is checked before the data: --data-dir points nowhere
+    code, out, err = cli(capsys, "distil", "--teacher", teacher, "--data-dir", tmp_path / "nodata",
+                         "--out-dir", tmp_path / "out", *common(tmp_path))
+    assert_error(code, out, err, fragment, str(teacher))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--teacher-logits", "x.npy", "--augment", "2"], "--augment needs a teacher"),
+    (["--kd-alpha", "0", "--augment", "2"], "--kd-alpha 0"),
+    (["--augment", "-1"], "--augment must be >= 0"),
+    (["--mask-prob", "1.5"], "--mask-prob must be in [0, 1]"),
+    (["--mask-prob", "0.6", "--swap-prob", "0.6"], "--mask-prob + --swap-prob"),
+    (["--max-ngram", "0"], "--max-ngram must be >= 1"),
+    (["--embd-dropout", "1"], "--embd-dropout must be in [0, 1)"),
+    (["--head-dropout", "-0.1"], "--head-dropout must be in [0, 1)"),
+    (["--embd-weight-decay", "-1"], "--embd-weight-decay must be >= 0"),
+])
+def test_bad_augment_and_student_flags(tmp_path, capsys, flags, fragment):
+    code, out, err = cli(capsys, "distil", "--data-dir", tmp_path / "nodata", "--out-dir", tmp_path / "out",
+                         *common(tmp_path), *flags)
+    assert_error(code, out, err, fragment)
+    assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,142 @@
+"""tune.py: tune-report's grouping of seeds and compare's paired statistics,
+against hand computations on metrics files written here, and end to end on
+seed sweeps of real runs."""
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+from cola import STUDENT, assert_error, cli, common, subset_dir
+from tune import T_975, paired_interval
+
+MCC_A = [0.10, 0.12, 0.08, 0.11, 0.09]
+MCC_B = [0.20, 0.25, 0.18, 0.26, 0.21]
+ACC_A = [0.66, 0.67, 0.65, 0.66, 0.64]
+ACC_B = [0.70, 0.71, 0.69, 0.72, 0.70]
+
+
+def write_run(path, seed, mcc, acc, mode="rnn", teacher_mcc=None, lr=1e-3):
+    """A metrics.json whose best epoch (2) holds mcc and acc; epoch 1 is worse."""
+    os.makedirs(path, exist_ok=True)
+    metrics = {"mode": mode, "args": {"seed": seed, "lr": lr, "out_dir": str(path)}, "best_epoch": 2,
+               "epochs": [{"epoch": 1, "val_mcc": mcc - 0.05, "val_acc": acc - 0.01},
+                          {"epoch": 2, "val_mcc": mcc, "val_acc": acc}]}
+    if teacher_mcc is not None:
+        metrics["teacher"] = {"val_mcc": teacher_mcc, "val_acc": 0.75}
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+def sweep(tmp_path, name, mccs, accs, **kwargs):
+    for seed, (mcc, acc) in enumerate(zip(mccs, accs)):
+        write_run(tmp_path / name / f"seed-{seed}", seed, mcc, acc, **kwargs)
+    return tmp_path / name
+
+
+def test_paired_interval_by_hand():
+    differences = [b - a for a, b in zip(MCC_A, MCC_B)]
+    mean = sum(differences) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 4)
+    half = 2.776 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    diff, low, high = paired_interval(MCC_A, MCC_B)
+    assert diff == pytest.approx(mean) and low == pytest.approx(mean - half) and high == pytest.approx(mean + half)
+    assert T_975[0] == pytest.approx(12.706) and T_975[9] == pytest.approx(2.228)  # df 1 and 10
+    assert paired_interval([0.1], [0.3])[1:] == (None, None)
+
+
+def test_compare_two_seed_sweeps(tmp_path, capsys):
+    a = sweep(tmp_path, "rnn", MCC_A, ACC_A)
+    b = sweep(tmp_path, "distil", MCC_B, ACC_B, mode="distil", teacher_mcc=0.3)
+    code, out, err = cli(capsys, "compare", a, b, "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    lines = out.splitlines()
+    rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [float(r[1]) for r in rows] == MCC_A and [float(r[2]) for r in rows] == MCC_B
+    assert [float(r[4]) for r in rows] == ACC_A and [float(r[5]) for r in rows] == ACC_B
+    mcc_line = next(line for line in lines if line.startswith("val_mcc:"))
+    mean_a, sd_a = statistics.mean(MCC_A), statistics.stdev(MCC_A)
+    mean_b, sd_b = statistics.mean(MCC_B), statistics.stdev(MCC_B)
+    diff, low, high = paired_interval(MCC_A, MCC_B)
+    assert f"A {mean_a:.4f} ± {sd_a:.4f}" in mcc_line and f"B {mean_b:.4f} ± {sd_b:.4f}" in mcc_line
+    assert f"B - A {diff:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}]" in mcc_line
+    assert low > 0  # this made-up gain is clear of noise
+    share_line = next(line for line in lines if line.startswith("share of the teacher"))
+    assert f"A {mean_a / 0.3:.0%}" in share_line and f"B {mean_b / 0.3:.0%}" in share_line
+    with open(tmp_path / "plots" / "compare_rnn_vs_distil.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
+def test_compare_pairs_only_shared_seeds_and_single_runs(tmp_path, capsys):
+    a = sweep(tmp_path, "a", MCC_A, ACC_A)
+    write_run(tmp_path / "b", seed=3, mcc=0.5, acc=0.8)
+    code, out, err = cli(capsys, "compare", a, tmp_path / "b", "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    assert "1 paired seed(s)" in out and "no interval from one pair" in out
+    assert f"{0.5 - MCC_A[3]:+.4f}" in out
+
+
+def test_compare_errors(tmp_path, capsys):
+    a = sweep(tmp_path, "a", MCC_A[:2], ACC_A[:2])
+    write_run(tmp_path / "other_seed", seed=9, mcc=0.2, acc=0.7)
+    code, out, err = cli(capsys, "compare", a, tmp_path / "other_seed")
+    assert_error(code, out, err, "share no seed")
+    code, out, err = cli(capsys, "compare", a, tmp_path / "missing")
+    assert_error(code, out, err, "missing", "not a directory")
+    (tmp_path / "empty").mkdir()
+    code, out, err = cli(capsys, "compare", a, tmp_path / "empty")
+    assert_error(code, out, err, "holds no metrics.json")
+    write_run(tmp_path / "a" / "seed-2-lr", seed=2, mcc=0.1, acc=0.6, lr=3e-4)  # not just another seed
+    code, out, err = cli(capsys, "compare", a, tmp_path / "other_seed")
+    assert_error(code, out, err, "differ in more than the seed")
+
+
+def test_tune_report_groups_seeds(tmp_path, capsys):
+    from tune import TUNE_COLUMNS, append_tsv_row
+    table = str(tmp_path / "rnn.tsv")
+    fixed = json.dumps({"epochs": 5})
+    values = {"lr=1e-3": [(0.10, 0.66), (0.14, 0.68), (0.12, 0.65)], "lr=3e-4": [(0.20, 0.70), (0.16, 0.69)]}
+    for settings, runs in values.items():
+        for seed, (mcc, acc) in enumerate(runs):
+            append_tsv_row(table, {"settings": f"{settings} seed={seed}", "best_epoch": 3, "val_acc": acc,
+                                   "val_mcc": mcc, "seconds": 1.0, "out_dir": "x", "fixed": fixed})
+    # a run of another fixed setting stays apart
+    append_tsv_row(table, {"settings": "lr=1e-3 seed=0", "best_epoch": 1, "val_acc": 0.5, "val_mcc": 0.5,
+                           "seconds": 1.0, "out_dir": "x", "fixed": json.dumps({"epochs": 1})})
+    assert len(TUNE_COLUMNS) == 7
+    code, out, err = cli(capsys, "tune-report", table, "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    lines = out.strip().splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["lr=1e-3", "lr=3e-4", "lr=1e-3"]  # by mean MCC
+    first = lines[0].split()
+    assert first[1] == "1" and float(first[2]) == 0.5
+    for line, settings in zip(lines[1:], ("lr=3e-4", "lr=1e-3")):
+        n, mcc, _, mcc_sd, acc, _, acc_sd = line.split()[1:]
+        mccs, accs = [m for m, _ in values[settings]], [a for _, a in values[settings]]
+        assert int(n) == len(mccs)
+        assert float(mcc) == pytest.approx(statistics.mean(mccs), abs=1e-4)
+        assert float(mcc_sd) == pytest.approx(statistics.stdev(mccs), abs=1e-4)
+        assert float(acc) == pytest.approx(statistics.mean(accs), abs=1e-4)
+        assert float(acc_sd) == pytest.approx(statistics.stdev(accs), abs=1e-4)
+
+
+def test_seed_sweeps_of_rnn_and_distil_alpha_zero_compare_equal(tmp_path_factory, tmp_path, capsys):
+    """End to end: two seed sweeps (--tune seed=0,1) of runs that train identically
+    (distil with --kd-alpha 0 is rnn): compare finds a difference of exactly 0."""
+    data = subset_dir(tmp_path_factory)
+    logits = tmp_path / "logits.npy"
+    import numpy as np
+    np.save(logits, np.zeros((300, 2), np.float32))
+    base = [*STUDENT, "--epochs", "1", "--data-dir", data, "--tuning-dir", tmp_path / "tuning", *common(tmp_path)]
+    for mode, extra in (("rnn", []), ("distil", ["--kd-alpha", "0", "--teacher-logits", logits])):
+        code, _, err = cli(capsys, mode, *base, *extra, "--out-dir", tmp_path / mode, "--tune", "seed=0,1")
+        assert code == 0, err
+    code, out, err = cli(capsys, "compare", tmp_path / "rnn", tmp_path / "distil", "--plots-dir", tmp_path / "p")
+    assert code == 0, err
+    assert "2 paired seed(s)" in out
+    assert "B - A +0.0000, 95% CI [+0.0000, +0.0000]" in out
+    code, out, err = cli(capsys, "tune-report", tmp_path / "tuning" / "rnn.tsv", "--plots-dir", tmp_path / "p")
+    assert code == 0, err
+    assert out.strip().splitlines()[1].split()[:2] == ["(defaults)", "2"]

@@ -1,0 +1,284 @@
+"""Sweeps and comparisons: --tune runs a grid of settings one after another,
+tune-report summarises the table (rows that differ only in seed grouped, mean and
+std), compare pits two runs or two seed sweeps against each other with paired
+statistics. run.py parses; this file does the work."""
+import csv
+import itertools
+import json
+import math
+import os
+
+from utils import UserError, info
+
+TUNE_COLUMNS = ("settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir", "fixed")
+
+
+# ---------------------------------------------------------------------------
+# --tune
+# ---------------------------------------------------------------------------
+
+def parse_grid(text, mode_parser, run_control):
+    """'lr=1e-3,3e-4 lora_rank=4,8' -> [('lr', ['1e-3', '3e-4'], action), ...],
+    every name checked against the mode's flags."""
+    grid = []
+    for item in text.split():
+        name, _, values = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        action = mode_parser._option_string_actions.get("--" + name)
+        if not values or action is None or name in run_control:
+            raise UserError(f"--tune: {item!r} is not FLAG=V1,V2,... with a training flag of "
+                            f"{mode_parser.prog} (e.g. lr=1e-3,3e-4)")
+        grid.append((name, [v for v in values.split(",") if v], action))
+    if not grid:
+        raise UserError('--tune needs at least one FLAG=V1,V2 (e.g. --tune "lr=1e-3,3e-4")')
+    return grid
+
+
+def run_tune(args, argv, parser, runner, run_control):
+    """Run every combination of the grid in args.tune with runner(args), one row per
+    run appended to TUNING_DIR/<mode>.tsv; combinations already there are skipped."""
+    mode_parser = parser._subparsers._group_actions[0].choices[args.mode]
+    grid = parse_grid(args.tune, mode_parser, run_control)
+    varied = {name for name, _, _ in grid}
+    fixed = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in varied and k not in run_control},
+                       sort_keys=True)
+    table = os.path.join(args.tuning_dir, f"{args.mode}.tsv")
+    done = {(row["settings"], row["fixed"]) for row in read_table(table)} if os.path.isfile(table) else set()
+    base_argv = drop_flag(argv, "--tune")
+    for values in itertools.product(*[v for _, v, _ in grid]):
+        settings = " ".join(f"{name}={value}" for (name, _, _), value in zip(grid, values))
+        if (settings, fixed) in done:
+            info(f"tune: {settings} already in {table}, skipped")
+            continue
+        run_argv = list(base_argv)
+        for (name, _, action), value in zip(grid, values):
+            run_argv = drop_flag(run_argv, "--" + name)
+            if action.nargs == 0:  # a switch: name=true / name=false
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise UserError(f"--tune: {name} is a switch; use {name}=true,false")
+                run_argv += ["--" + name] if value.lower() in ("true", "1") else []
+            else:
+                run_argv += ["--" + name, value]
+        out_dir = os.path.join(args.out_dir, settings.replace(" ", "_").replace("=", "-"))
+        run_args = parser.parse_args(drop_flag(run_argv, "--out-dir") + ["--out-dir", out_dir])
+        info(f"tune: {settings} -> {out_dir}")
+        runner(run_args)
+        metrics = read_metrics(out_dir)
+        best = best_record(metrics)
+        append_tsv_row(table, {"settings": settings, "best_epoch": metrics["best_epoch"],
+                               "val_acc": f"{best['val_acc']:.4f}", "val_mcc": f"{best['val_mcc']:.4f}",
+                               "seconds": f"{sum(r['seconds'] for r in metrics['epochs']):.1f}",
+                               "out_dir": out_dir, "fixed": fixed})
+
+
+def drop_flag(argv, flag):
+    """argv without flag (either spelling) and its value."""
+    spellings = {flag, flag.replace("-", "_").replace("__", "--", 1)}
+    out, skip = [], False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in spellings:
+            skip = "=" not in item and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        out.append(item)
+    return out
+
+
+def append_tsv_row(path, row):
+    """Append one row (header first if the file is new), flushed to disk at once."""
+    new = not os.path.isfile(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TUNE_COLUMNS, delimiter="\t")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_table(path):
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def paired_interval(a, b):
+    """Mean of the paired differences b - a and its 95% confidence interval
+    (Student's t with n - 1 degrees of freedom); None bounds for one pair."""
+    differences = [y - x for x, y in zip(a, b)]
+    mean, std = mean_std(differences)
+    n = len(differences)
+    if n < 2:
+        return mean, None, None
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.960) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ---------------------------------------------------------------------------
+# tune-report
+# ---------------------------------------------------------------------------
+
+def without_seed(settings, fixed):
+    """A tuning row's settings and fixed settings with the seed taken out."""
+    kept = " ".join(item for item in settings.split() if not item.startswith("seed="))
+    try:
+        fixed = json.loads(fixed)
+        fixed.pop("seed", None)
+        fixed = json.dumps(fixed, sort_keys=True)
+    except (TypeError, ValueError):
+        pass
+    return kept or "(defaults)", fixed
+
+
+def run_tune_report(args):
+    """The table of a sweep, rows that differ only in the seed grouped into one line
+    with n and mean +- std, best mean validation MCC first; and its plot."""
+    from train_utils import plot_tuning
+    rows = read_table(args.table)
+    if not rows or not {"settings", "val_mcc", "val_acc"} <= set(rows[0]):
+        raise UserError(f"{args.table} is not a tuning table written by --tune (no settings/val_mcc rows)")
+    groups = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            mcc, acc = float(row["val_mcc"]), float(row["val_acc"])
+        except (TypeError, ValueError):
+            raise UserError(f"{args.table}:{line}: val_mcc / val_acc is not a number") from None
+        groups.setdefault(without_seed(row["settings"], row.get("fixed")), []).append((mcc, acc))
+    summary = []
+    for (settings, _), values in groups.items():
+        mcc_mean, mcc_std = mean_std([m for m, _ in values])
+        acc_mean, acc_std = mean_std([a for _, a in values])
+        summary.append({"settings": settings, "n": len(values), "val_mcc": mcc_mean, "val_mcc_std": mcc_std,
+                        "val_acc": acc_mean, "val_acc_std": acc_std})
+    summary.sort(key=lambda r: -r["val_mcc"])
+    width = max(len(r["settings"]) for r in summary)
+    print(f"{'settings':<{width}}  {'n':>2}  {'val_mcc (mean ± std)':>20}  {'val_acc (mean ± std)':>20}")
+    for r in summary:
+        print(f"{r['settings']:<{width}}  {r['n']:>2}  {r['val_mcc']:>11.4f} ± {r['val_mcc_std']:.4f}  "
+              f"{r['val_acc']:>11.4f} ± {r['val_acc_std']:.4f}")
+    name = os.path.splitext(os.path.basename(args.table))[0]
+    path = os.path.join(args.plots_dir, f"tune_{name}.png")
+    plot_tuning(summary, path, f"sweep: {args.table}")
+    info(f"wrote {path}")
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; pass a run's --out-dir or a sweep's") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e})") from None
+
+
+def best_record(metrics):
+    """The best epoch's record (the epoch chosen on the validation set, by MCC)."""
+    try:
+        return metrics["epochs"][metrics["best_epoch"] - 1]
+    except (KeyError, IndexError, TypeError):
+        raise UserError("a metrics.json without finished epochs: let the run finish (or --resume it)") from None
+
+
+def runs_by_seed(path):
+    """{seed: metrics} of a run directory, or of every run in a sweep directory
+    (its subdirectories), which must differ in nothing but the seed."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a directory; pass a run's --out-dir or a sweep's")
+    if os.path.isfile(os.path.join(path, "metrics.json")):
+        metrics = [read_metrics(path)]
+    else:
+        subdirs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.json")))
+        if not subdirs:
+            raise UserError(f"{path} holds no metrics.json, nor do its subdirectories; pass a run's --out-dir "
+                            "or a sweep's")
+        metrics = [read_metrics(os.path.join(path, d)) for d in subdirs]
+    settings = {json.dumps({k: v for k, v in m["args"].items() if k not in ("seed", "out_dir", "tune")},
+                           sort_keys=True) for m in metrics}
+    if len(settings) > 1:
+        raise UserError(f"the runs in {path} differ in more than the seed; compare two runs or two seed sweeps "
+                        "(--tune \"seed=0,1,2,3,4\")")
+    out = {}
+    for m in metrics:
+        out[m["args"]["seed"]] = m
+    return out
+
+
+def run_compare(args):
+    """Two runs or seed sweeps side by side: per-seed best validation MCC and
+    accuracy, the paired difference (B - A) with its 95% interval, each one's share
+    of the teacher's MCC; and a plot."""
+    from train_utils import plot_compare
+    name_a, name_b = (os.path.basename(os.path.normpath(p)) for p in (args.run_a, args.run_b))
+    if name_a == name_b:
+        name_a, name_b = args.run_a, args.run_b
+    a, b = runs_by_seed(args.run_a), runs_by_seed(args.run_b)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise UserError(f"{args.run_a} (seeds {sorted(a)}) and {args.run_b} (seeds {sorted(b)}) share no seed; "
+                        "paired statistics need runs with the same seeds")
+    best_a = [best_record(a[s]) for s in seeds]
+    best_b = [best_record(b[s]) for s in seeds]
+    print(f"A = {args.run_a}\nB = {args.run_b}")
+    print(f"best validation epoch of each run (chosen by val MCC on the same validation set); "
+          f"{len(seeds)} paired seed(s)")
+    print(f"{'seed':>6}  {'A mcc':>7}  {'B mcc':>7}  {'B - A':>7}  {'A acc':>7}  {'B acc':>7}")
+    for seed, ra, rb in zip(seeds, best_a, best_b):
+        print(f"{seed:>6}  {ra['val_mcc']:7.4f}  {rb['val_mcc']:7.4f}  {rb['val_mcc'] - ra['val_mcc']:+7.4f}  "
+              f"{ra['val_acc']:7.4f}  {rb['val_acc']:7.4f}")
+    result = {"seeds": seeds}
+    for metric in ("val_mcc", "val_acc"):
+        values_a, values_b = [r[metric] for r in best_a], [r[metric] for r in best_b]
+        mean_a, std_a = mean_std(values_a)
+        mean_b, std_b = mean_std(values_b)
+        diff, low, high = paired_interval(values_a, values_b)
+        interval = f"95% CI [{low:+.4f}, {high:+.4f}]" if low is not None else "no interval from one pair"
+        print(f"{metric}: A {mean_a:.4f} ± {std_a:.4f}   B {mean_b:.4f} ± {std_b:.4f}   "
+              f"B - A {diff:+.4f}, {interval}")
+        result[metric] = {"a": (mean_a, std_a), "b": (mean_b, std_b), "difference": (diff, low, high)}
+    teacher_mcc = [m["teacher"]["val_mcc"] for runs in (a, b) for m in runs.values()
+                   if (m.get("teacher") or {}).get("val_mcc") is not None]
+    if teacher_mcc:
+        teacher = teacher_mcc[0]
+        share_a, share_b = (result["val_mcc"][k][0] / teacher if teacher else float("nan") for k in ("a", "b"))
+        print(f"share of the teacher's validation MCC ({teacher:.4f}): A {share_a:.0%}, B {share_b:.0%}")
+        result["teacher_mcc"], result["share"] = teacher, (share_a, share_b)
+    path = os.path.join(args.plots_dir, f"compare_{safe_name(name_a)}_vs_{safe_name(name_b)}.png")
+    plot_compare(seeds, [r["val_mcc"] for r in best_a], [r["val_mcc"] for r in best_b], name_a, name_b,
+                 result.get("teacher_mcc"), path)
+    info(f"wrote {path}")
+    return result
+
+
+def safe_name(text):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "run"
