@@ -17,7 +17,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_COLA = os.path.join(HERE, "..", "shared", "data", "cola")
+DEFAULT_COLA = os.path.join(HERE, "data", "cola")
 
 
 def device_name(device):

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from model import LORA_TARGETS, PRESETS, WeightsError
 from train_utils import CheckpointError, Interrupted
 import tune
-from utils import EOT_TOKEN, HUB_IDS, UserError, info
+from utils import DEFAULT_DATA_DIR, EOT_TOKEN, HUB_IDS, UserError, info
 
 # The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
 EMBD_DROPOUT = 0.0
@@ -125,7 +125,7 @@ def build_parser():
     evaluate = modes.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
     evaluate.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
     evaluate.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
-    evaluate.add_argument("--data-dir", default="data", help="CoLA directory (default data/)")
+    evaluate.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="CoLA directory (default data/cola, shipped)")
     evaluate.add_argument("--val-split", default="in", choices=("in", "out", "all"))
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
@@ -145,8 +145,8 @@ def build_parser():
 
 
 def add_training(p, out_dir, lr):
-    p.add_argument("--data-dir", default="data", help="CoLA: release or GLUE .tsv files (default data/, "
-                                                      "else the nyu-mll/glue hub copy)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="CoLA: release or GLUE .tsv files (default data/cola, "
+                                                        "shipped; a directory without them: the nyu-mll/glue hub copy)")
     p.add_argument("--val-split", default="in", choices=("in", "out", "all"), help="validation set (default in)")
     p.add_argument("--out-dir", default=out_dir, help=f"where metrics and weights go (default {out_dir})")
     p.add_argument("--plots-dir", default="plots", help="where the PNG plots go (default plots/)")

@@ -257,7 +257,10 @@ def read_cola_tsv(path):
     return Split(sentences, labels, path)
 
 
-def load_cola(data_dir="data", val_split="in"):
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cola")
+
+
+def load_cola(data_dir=DEFAULT_DATA_DIR, val_split="in"):
     """(train, validation) splits of CoLA from data_dir in the original release
     form or the GLUE form; if data_dir has neither, from the `datasets` hub copy."""
     if val_split not in ("in", "out", "all"):
@@ -279,10 +282,7 @@ def load_cola(data_dir="data", val_split="in"):
             if not has(name):
                 raise UserError(f"{path(name)} is missing (the GLUE form of CoLA needs train.tsv and dev.tsv)")
         return read_cola_tsv(path(GLUE_FILES["train"])), _glue_val(read_cola_tsv(path(GLUE_FILES["dev"])), val_split)
-    if data_dir != "data":
-        raise UserError(f"no CoLA files in {data_dir}: expected {RELEASE_FILES['train']} + {RELEASE_FILES['in']} "
-                        f"(original release) or train.tsv + dev.tsv (GLUE)")
-    return _load_cola_hub(val_split)
+    return _load_cola_hub(data_dir, val_split)
 
 
 def _concat(parts):
@@ -301,15 +301,23 @@ def _glue_val(dev, val_split):
     return Split(dev.sentences[cut], dev.labels[cut], f"{dev.source}[{val_split}-domain rows]")
 
 
-def _load_cola_hub(val_split):
-    info("no CoLA files in data/; loading nyu-mll/glue cola through `datasets`")
+def _load_cola_hub(data_dir, val_split):
+    """GLUE's CoLA through `datasets`, when data_dir holds no CoLA files; at once an
+    error when the hub cannot be reached (no half-minute of retries)."""
+    from huggingface_hub import constants
+    missing = (f"no CoLA files in {data_dir} (expected {RELEASE_FILES['train']} + {RELEASE_FILES['in']}, or GLUE's "
+               "train.tsv + dev.tsv)")
+    fix = "pass --data-dir DIR with the CoLA files (the project ships them in data/cola)"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"{missing} and HF_HUB_OFFLINE is set, so the hub copy cannot be loaded; {fix}")
+    if not hub_reachable():
+        raise UserError(f"{missing} and the Hugging Face hub is not reachable; {fix}")
+    info(f"no CoLA files in {data_dir}; loading nyu-mll/glue cola through `datasets`")
     try:
         import datasets
         glue = datasets.load_dataset("nyu-mll/glue", "cola")
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"no CoLA files in data/ and the hub copy could not be loaded ({reason}); "
-                        "pass --data-dir DIR with in_domain_train.tsv + in_domain_dev.tsv") from None
+        raise UserError(f"{missing} and the hub copy could not be loaded ({one_line(e)[:160]}); {fix}") from None
     train = Split(list(glue["train"]["sentence"]), list(glue["train"]["label"]), "nyu-mll/glue:cola:train")
     dev = Split(list(glue["validation"]["sentence"]), list(glue["validation"]["label"]),
                 "nyu-mll/glue:cola:validation")

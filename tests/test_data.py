@@ -296,3 +296,25 @@ def test_classifier_output_alone_equals_in_padded_batch(tiny_ckpt):
             for i, n in enumerate(batch.lengths.tolist()):
                 other[i, n:] = 13
             torch.testing.assert_close(classifier(other, batch.lengths), together, atol=1e-5, rtol=0)
+
+
+def test_shipped_cola_is_the_default_and_matches_its_readme():
+    """data/cola ships CoLA 1.1: the default --data-dir, rows and sha256 as its README states."""
+    import hashlib
+    import re
+
+    import run
+    from utils import DEFAULT_DATA_DIR
+    for mode in ("rnn", "distil", "LoRA", "eval"):
+        args = run.build_parser().parse_args([mode] + (["--checkpoint", "x"] if mode == "eval" else []))
+        assert args.data_dir == DEFAULT_DATA_DIR == cola_dir()
+    with open(os.path.join(cola_dir(), "README.md")) as f:
+        readme = f.read()
+    for split, name in COLA_FILES.items():
+        row = re.search(rf"\| {re.escape(name)} \| (\d+) \| .* \| ([0-9a-f]{{64}}) \|", readme)
+        assert row, name
+        with open(os.path.join(cola_dir(), name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == row.group(2), name
+        assert int(row.group(1)) == COLA_ROWS[split]
+    train, val = load_cola(val_split="in")
+    assert (len(train), len(val)) == (COLA_ROWS["train"], COLA_ROWS["in"])
