@@ -149,7 +149,7 @@ def add_training(p, out_dir, lr):
                                                         "shipped; a directory without them: the nyu-mll/glue hub copy)")
     p.add_argument("--val-split", default="in", choices=("in", "out", "all"), help="validation set (default in)")
     p.add_argument("--out-dir", default=out_dir, help=f"where metrics and weights go (default {out_dir})")
-    p.add_argument("--plots-dir", default="plots", help="where the PNG plots go (default plots/)")
+    p.add_argument("--plots-dir", default=None, help="where the PNG plots go (default OUT/plots)")
     p.add_argument("--epochs", type=int, default=5, help="default 5")
     p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
@@ -159,6 +159,10 @@ def add_training(p, out_dir, lr):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last full epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
+    p.add_argument("--keep-resume-state", action="store_true",
+                   help="keep OUT/resume_state.pt after the run completes (by default removed: it is only "
+                        "there to resume an interrupted run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this call, resumable later (as if killed there)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model: minutes of compiling first, so only for long GPU runs")
@@ -333,7 +337,9 @@ def run_record(args, model, device, data):
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
-               "compile")
+               "compile", "overwrite", "keep_resume_state")
+# What a run writes into its --out-dir (--overwrite removes these, nothing else)
+RUN_FILES = ("metrics.json", "resume_state.pt", "student.safetensors", "student.json", "adapter", "plots")
 
 
 def train_and_report(args, model, device, data, record, save_best, loss_fn=None, teacher_val_predictions=None):
@@ -372,8 +378,10 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
     if len(history) < args.epochs:
         info(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with --resume")
         return record
+    if not args.keep_resume_state:  # only an interrupted run needs it; it is the bulk of a run's bytes
+        os.remove(os.path.join(args.out_dir, "resume_state.pt"))
     run_name = os.path.basename(os.path.normpath(args.out_dir))
-    plot_path = os.path.join(args.plots_dir, f"{args.mode}_{run_name}.png")
+    plot_path = os.path.join(plots_dir(args), f"{args.mode}_{run_name}.png")
     plot_history(record["epochs"], plot_path, f"{args.mode} ({run_name})")
     best = record["epochs"][record["best_epoch"] - 1]
     info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
@@ -381,14 +389,50 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
     return record
 
 
+def plots_dir(args):
+    return args.plots_dir or os.path.join(args.out_dir, "plots")
+
+
+def claim_out_dir(args):
+    """Never lose a finished run by accident: an --out-dir holding one is refused
+    unless --resume continues it or --overwrite replaces it."""
+    import shutil
+    out = args.out_dir
+    if args.resume:
+        if not os.path.isfile(os.path.join(out, "resume_state.pt")):
+            raise UserError(f"--resume: {out} has no resume_state.pt; nothing to resume "
+                            "(drop --resume to start anew)")
+        return
+    held = [name for name in ("metrics.json", "resume_state.pt") if os.path.exists(os.path.join(out, name))]
+    if held and not args.overwrite:
+        raise UserError(f"--out-dir {out} already holds a run ({held[0]}); pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out-dir")
+    for name in RUN_FILES if held else ():
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def run_training(args):
+    """A training mode: check every flag, claim and lock --out-dir, then run."""
+    from utils import is_main_process, lock_dir
+    validate_training(args)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} is a file; pass a directory")
+    if not is_main_process():  # rank 0 claims the directory for every rank
+        return RUNNERS[args.mode](args)
+    with lock_dir(args.out_dir):
+        claim_out_dir(args)
+        return RUNNERS[args.mode](args)
+
+
 def prepare(args):
     """Pick the device (joining torchrun's process group if there is one) and seed
     everything from --seed."""
     from utils import init_distributed, resolve_device, seed_everything, world
     device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
-    if args.resume and not os.path.isfile(os.path.join(args.out_dir, "resume_state.pt")):
-        raise UserError(f"--resume: {args.out_dir} has no resume_state.pt; nothing to resume "
-                        "(drop --resume to start anew)")
     seed_everything(args.seed)
     return device
 
@@ -498,7 +542,7 @@ def plot_rnn_vs_distil(args):
                 runs[mode] = json.load(f)["epochs"]
         except (OSError, ValueError, KeyError):
             return
-    path = os.path.join(args.plots_dir, "rnn_vs_distil.png")
+    path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
     plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from GPT-2 (distil)")
     info(f"wrote {path}")
 
@@ -643,13 +687,11 @@ def main(argv=None):
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
-        if args.mode in TRAINING_MODES:
-            validate_training(args)  # every flag, once, before any file is read
         if args.mode in TRAINING_MODES and args.tune:
-            def runner(run_args):
-                validate_training(run_args)  # a grid value may be out of range
-                RUNNERS[args.mode](run_args)
-            tune.run_tune(args, argv, build_parser(), runner, RUN_CONTROL)
+            validate_training(args)
+            tune.run_tune(args, argv, build_parser(), run_training, RUN_CONTROL)
+        elif args.mode in TRAINING_MODES:
+            run_training(args)
         else:
             RUNNERS[args.mode](args)
     except (UserError, WeightsError, CheckpointError) as e:

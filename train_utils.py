@@ -396,6 +396,15 @@ def _save_figure(plt, fig, path):
     plt.close(fig)
 
 
+def _epoch_axis(ax, epochs):
+    """Whole-number epoch ticks; a single epoch centred with room around it."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    if len(set(epochs)) == 1:
+        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+
+
 def plot_history(history, path, title):
     """Loss, accuracy and MCC per epoch, train and validation, side by side."""
     plt = _pyplot()
@@ -404,7 +413,7 @@ def plot_history(history, path, title):
     for ax, metric, label in zip(axes, ("loss", "acc", "mcc"), ("loss", "accuracy", "Matthews correlation")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
         ax.plot(epochs, [r[f"val_{metric}"] for r in history], "s-", label="validation")
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, epochs)
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -420,7 +429,7 @@ def plot_comparison(runs, path, title):
     for ax, metric, label in zip(axes, ("val_acc", "val_mcc"), ("validation accuracy", "validation MCC")):
         for name, history in runs.items():
             ax.plot([r["epoch"] for r in history], [r[metric] for r in history], "o-", label=name)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, [r["epoch"] for history in runs.values() for r in history])
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend()

@@ -69,6 +69,35 @@ def barrier():
         dist.barrier()
 
 
+class lock_dir:
+    """Hold an exclusive lock on directory/.lock while a run writes there: a second
+    run started in the same directory is refused at once instead of interleaving
+    its files. The operating system drops the lock if the process dies."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __enter__(self):
+        import fcntl
+        self.created = not os.path.isdir(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.file = open(os.path.join(self.directory, ".lock"), "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"another run is writing to {self.directory} (it holds {self.directory}/.lock); "
+                            "wait for it to finish or pass another --out-dir") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        if self.created and os.listdir(self.directory) == [".lock"]:  # a run that wrote nothing leaves nothing
+            os.remove(os.path.join(self.directory, ".lock"))
+            os.rmdir(self.directory)
+        return False
+
+
 # ---------------------------------------------------------------------------
 # Pretrained GPT-2 on the Hugging Face hub
 # ---------------------------------------------------------------------------

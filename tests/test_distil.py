@@ -276,7 +276,7 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
 
 def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
-    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1")
+    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     assert err.count("running the teacher") == 2  # train and validation, once each
@@ -321,7 +321,7 @@ def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, c
 
 
 def test_corrupt_teacher_cache_is_rebuilt(data, teacher, tmp_path, capsys):
-    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1")
+    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     cache = os.path.join(teacher, "teacher_logits")

@@ -1,0 +1,81 @@
+"""What a training run leaves in its --out-dir: its plots, no resume state once
+finished, and never a finished run replaced or two runs interleaved by accident."""
+import json
+import os
+
+import pytest
+
+import train_utils
+from cola import STUDENT, assert_error, cli, subset_dir
+from utils import lock_dir
+
+
+def rnn_argv(tmp_path_factory, out, *extra):
+    return ["rnn", *STUDENT, "--epochs", "1", "--data-dir", subset_dir(tmp_path_factory), "--no-progress",
+            "--out-dir", out, *extra]
+
+
+def test_a_finished_run_keeps_its_plot_and_drops_its_resume_state(tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [".lock", "metrics.json", "plots", "student.json", "student.safetensors"]
+    assert os.listdir(out / "plots") == ["rnn_run.png"]
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "kept", "--keep-resume-state"))
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / "kept" / "resume_state.pt")
+    # an interrupted run keeps it, or --resume could not continue
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "stopped", "--epochs", "2", "--stop-after", 1))
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / "stopped" / "resume_state.pt")
+
+
+def test_a_finished_run_is_never_replaced_by_accident(tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out))
+    assert code == 0, err
+    before = {name: os.stat(out / name).st_mtime_ns for name in ("metrics.json", "student.safetensors")}
+    code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, out, "--lr", "0.01"))
+    assert_error(code, stdout, err, str(out), "already holds a run", "--resume", "--overwrite")
+    assert {name: os.stat(out / name).st_mtime_ns for name in before} == before
+    # --overwrite replaces it
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out, "--lr", "0.01", "--overwrite"))
+    assert code == 0, err
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["args"]["lr"] == 0.01
+    # an --out-dir that is a file is said to be one
+    (tmp_path / "file").write_text("x")
+    code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "file"))
+    assert_error(code, stdout, err, "is a file")
+
+
+def test_a_second_run_in_the_same_directory_is_refused_at_once(tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "run"
+    with lock_dir(str(out)):  # as a run in another process holds it
+        code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, out))
+        assert_error(code, stdout, err, "another run is writing", str(out))
+    assert not os.path.exists(out / "metrics.json")
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out))  # the lock is gone with its holder
+    assert code == 0, err
+
+
+def test_sweep_runs_follow_the_same_rules(tmp_path, tmp_path_factory, capsys):
+    sweep = tmp_path / "sweep"
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, sweep / "lr-0.01"))  # a run that is no sweep row
+    assert code == 0, err
+    code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, sweep, "--tune", "lr=0.01",
+                                              "--tuning-dir", tmp_path / "tuning"))
+    assert_error(code, stdout, err, "already holds a run", only_line=False)
+
+
+def test_one_epoch_plot_has_room_and_integer_ticks(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(train_utils, "_save_figure", lambda plt, fig, path: figures.append(fig))
+    record = {"epoch": 1, "train_loss": 0.6, "val_loss": 0.6, "train_acc": 0.7, "val_acc": 0.7, "train_mcc": 0.0,
+              "val_mcc": 0.1}
+    train_utils.plot_history([record], str(tmp_path / "one.png"), "one epoch")
+    for ax in figures[0].axes:
+        assert ax.get_xlim() == (0.0, 2.0)
+    train_utils.plot_history([{**record, "epoch": e} for e in range(1, 8)], str(tmp_path / "seven.png"), "seven")
+    ticks = [t for t in figures[1].axes[0].get_xticks() if 1 <= t <= 7]
+    assert ticks and all(float(t).is_integer() for t in ticks)
