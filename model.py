@@ -390,6 +390,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.merged:
+            if self.training and torch.is_grad_enabled():
+                # the adapter path is skipped, so A and B would get no gradient at all
+                raise RuntimeError("LoRALinear is merged: unmerge() before training it")
             return y
         # Scale the thin (tokens, r) intermediate, not the (tokens, out) update, and let
         # the GEMM add the update into y (addmm): two fewer full-size passes over the
@@ -397,6 +400,11 @@ class LoRALinear(nn.Module):
         low_rank = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
         out = torch.addmm(y.reshape(-1, y.size(-1)), low_rank.reshape(-1, self.rank), self.lora_B.t())
         return out.view(y.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.merged:  # unmerge() would then subtract an update W0 never received
+            raise RuntimeError("LoRALinear is merged: unmerge() before loading adapter weights into it")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delta_weight(self):
         """The update in the base weight's (in, out) layout."""

@@ -45,6 +45,12 @@ def add_common(p):
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else CPU)")
 
 
+def add_dtype(p):
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute precision: auto = bfloat16 autocast on CUDA, float32 elsewhere; float32 gives "
+                        "exactly the reference implementation's numbers (default auto)")
+
+
 def add_gpt_source(p):
     p.add_argument("--gpt-variant", default="gpt2", metavar="{" + ",".join(PRESETS) + "}",
                    help="pretrained GPT-2 to download from the Hugging Face hub (default gpt2)")
@@ -69,9 +75,7 @@ def build_parser():
     gen.add_argument("--num-samples", type=int, default=1, help="samples to generate, as one batch (default 1)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the forward pass (pays off on GPUs)")
-    gen.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                     help="compute precision: auto = bfloat16 autocast on CUDA, float32 elsewhere; "
-                          "float32 gives exactly the reference implementation's tokens (default auto)")
+    add_dtype(gen)
     add_common(gen)
 
     lora = modes.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
@@ -120,6 +124,7 @@ def build_parser():
     predict.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences (default: one per line on stdin)")
+    add_dtype(predict)
     add_common(predict)
 
     evaluate = modes.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
@@ -129,6 +134,7 @@ def build_parser():
     evaluate.add_argument("--val-split", default="in", choices=("in", "out", "all"))
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
+    add_dtype(evaluate)
     add_common(evaluate)
 
     report = modes.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
@@ -363,16 +369,10 @@ def train_and_report(args, model, device, data, record, save_best, loss_fn=None,
         save_json(metrics_path, record)
 
     signature = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    trained = model
-    if args.compile:
-        import torch
-        # dynamic: CoLA batches vary in length and size; one graph with symbolic shapes
-        # instead of a recompilation for every new shape
-        trained = torch.compile(model, dynamic=True)
-    history = fit(trained, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
+    history = fit(model, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
                   on_epoch_end=on_epoch_end, progress=not args.no_progress,
                   state_path=os.path.join(args.out_dir, "resume_state.pt"), resume=args.resume,
-                  signature=signature, stop_after=args.stop_after)
+                  signature=signature, stop_after=args.stop_after, compile=args.compile)
     if not is_main_process():
         return record
     if len(history) < args.epochs:
@@ -633,25 +633,33 @@ def run_distil(args):
 # predict and eval
 # ---------------------------------------------------------------------------
 
-def run_predict(args):
-    import torch
-    from train_utils import load_classifier
-    from utils import Split, TokenizedSplit, resolve_device
-    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
-    sentences = [s for s in sentences if s.strip()]
+def read_sentences(args):
+    """The sentences to classify: the arguments, else stdin one per line. A blank
+    line is an error: dropping it would shift every later answer by one."""
+    if args.sentences:
+        sentences, where = args.sentences, "argument"
+    else:
+        if sys.stdin.isatty():
+            info("reading sentences from stdin, one per line (end with Ctrl-D)")
+        sentences, where = [line.rstrip("\r\n") for line in sys.stdin], "line"
     if not sentences:
         raise UserError("no sentences given; pass them as arguments or one per line on stdin")
+    for number, sentence in enumerate(sentences, start=1):
+        if not sentence.strip():
+            raise UserError(f"{where} {number} of the input is blank; give one sentence per {where}")
+    return sentences
+
+
+def run_predict(args):
+    from train_utils import load_classifier, predict_logits
+    from utils import Split, TokenizedSplit, resolve_device
+    sentences = read_sentences(args)
     device = resolve_device(args.device)
-    model, description = load_classifier(args.checkpoint, args.weights)
+    model, description = load_classifier(args.checkpoint, args.weights, merge=True)
     info(f"classifier: {description}")
     model.to(device)
     tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"), model.max_len)
-    probabilities = torch.empty(len(sentences))
-    with torch.no_grad():
-        for batch in tokenized.batches(args.batch_size):
-            batch_on_device = batch.to(device)
-            logits = model(batch_on_device.idx, batch_on_device.lengths).float()
-            probabilities[batch.rows] = logits.softmax(-1)[:, 1].cpu()
+    probabilities = predict_logits(model, tokenized.batches(args.batch_size), device, args.dtype).softmax(-1)[:, 1]
     for sentence, p in zip(sentences, probabilities.tolist()):
         print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
 
@@ -663,7 +671,7 @@ def run_eval(args):
     model, description = load_classifier(args.checkpoint, args.weights)
     model.to(device)
     _, val = load_cola(args.data_dir, args.val_split)
-    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(args.batch_size), device)
+    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(args.batch_size), device, dtype=args.dtype)
     (tn, fp), (fn, tp) = result["confusion"]
     print(f"checkpoint: {args.checkpoint} ({description})")
     print(f"data: {val.source} ({result['n']} sentences)")

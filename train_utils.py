@@ -89,10 +89,12 @@ class TrainConfig:
     embd_weight_decay: float = None  # adamw's weight decay on a student's token embedding; None: weight_decay
 
 
-def autocast_for(device):
-    # bf16 autocast on CUDA: same range as fp32, no loss scaling needed
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device, dtype="auto"):
+    """The one precision policy of training, eval, predict and the teacher: dtype
+    "auto" is bf16 autocast on CUDA (same range as float32, no loss scaling needed)
+    and float32 elsewhere; "float32" and "bfloat16" force one."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -123,7 +125,7 @@ def make_scheduler(optimizer, total_steps, warmup_ratio):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, loss_fn=cross_entropy_loss):
+def evaluate(model, batches, device, loss_fn=cross_entropy_loss, dtype="auto"):
     """Loss, accuracy, MCC, confusion matrix and per-row logits over batches.
     Under torchrun each rank evaluates its share of the batches and the results
     are gathered, so every sentence counts exactly once."""
@@ -132,7 +134,7 @@ def evaluate(model, batches, device, loss_fn=cross_entropy_loss):
     loss_sum, logits_parts, row_parts, label_parts = 0.0, [], [], []
     for batch in batches[rank::size]:
         batch_on_device = batch.to(device)
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             logits = model(batch_on_device.idx, batch_on_device.lengths).float()
         loss_sum += float(loss_fn(logits, batch_on_device)) * len(batch.labels)
         logits_parts.append(logits.cpu())
@@ -209,7 +211,8 @@ class Interrupted(Exception):
 
 
 def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entropy_loss,
-        on_epoch_end=None, progress=True, state_path=None, resume=False, signature=None, stop_after=None):
+        on_epoch_end=None, progress=True, state_path=None, resume=False, signature=None, stop_after=None,
+        compile=False):
     """Train the parameters of model that require grad; evaluate on val_set after
     each epoch.
 
@@ -226,10 +229,16 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
     if resume:
         history = load_training_state(state_path, model, optimizer, scheduler, generator, signature)
         info(f"resuming after epoch {len(history)} of {cfg.epochs} from {state_path}")
+    # model itself keeps its parameter names for the saved state; only the training
+    # forward goes through the DDP and compiled wrappers, so --compile may change on --resume
     trained = model
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        # dynamic: CoLA batches vary in length and size; one graph with symbolic shapes
+        # instead of a recompilation for every new shape
+        trained = torch.compile(trained, dynamic=True)
     val_batches = val_set.batches(cfg.batch_size)
     epochs_this_call = 0
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -243,8 +252,11 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
                 train_loss, predictions, labels = train_epoch(trained, batches, optimizer, scheduler, params,
                                                               device, loss_fn, cfg.grad_clip, bar)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted in epoch {epoch}; epochs 1-{epoch - 1} are saved"
-                              + (" and --resume continues from there" if state_path and epoch > 1 else "")) from None
+            if epoch == 1:
+                raise Interrupted("interrupted in epoch 1, before any epoch finished; nothing was saved") from None
+            saved = "epoch 1 is saved" if epoch == 2 else f"epochs 1-{epoch - 1} are saved"
+            raise Interrupted(f"interrupted in epoch {epoch}; {saved}"
+                              + (" and --resume continues from there" if state_path else "")) from None
         val = evaluate(model, val_batches, device, loss_fn=cross_entropy_loss)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(predictions, labels),
                   "train_mcc": matthews_corrcoef(predictions, labels), "val_loss": val["loss"],
@@ -579,6 +591,9 @@ def set_trainable(classifier, train_layernorm=False):
 
 def load_into(model, key_to_param, tensors, source, base=None):
     """Copy tensors (keyed as saved) into model's parameters, with clear errors."""
+    from model import lora_layers
+    if any(layer.merged for layer in lora_layers(model)):
+        raise CheckpointError(f"cannot load {source} into merged LoRA layers; unmerge them first")
     params = dict(model.named_parameters())
     missing = [k for k in key_to_param if k not in tensors]
     if missing:
@@ -611,15 +626,22 @@ def load_student(out_dir):
     return student.eval()
 
 
-def load_classifier(checkpoint, weights=None):
+def load_classifier(checkpoint, weights=None, merge=False):
     """A trained classifier from a run directory of any mode (or an adapter dir).
-    Returns (model, description)."""
+    merge=True folds LoRA adapters into the base weights: inference at the cost of
+    the plain model. Returns (model, description)."""
+    if os.path.isfile(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint} is a file; pass the run's directory (its --out-dir)")
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
     adapter_dir = find_adapter_dir(checkpoint)
     if adapter_dir is not None:
         model, base = load_lora_classifier(adapter_dir, weights)
-        return model, f"GPT-2 + LoRA ({base})"
+        if merge:
+            from model import lora_layers
+            for layer in lora_layers(model):
+                layer.merge()
+        return model, f"GPT-2 + LoRA ({base}{', merged' if merge else ''})"
     if os.path.isfile(os.path.join(checkpoint, "student.json")):
         return load_student(checkpoint), "DistilRNN"
     raise CheckpointError(f"{checkpoint} holds no checkpoint (neither adapter/adapter_config.json from LoRA "
@@ -645,14 +667,14 @@ class DistilLoss:
 
 
 @torch.no_grad()
-def predict_logits(model, batches, device):
+def predict_logits(model, batches, device, dtype="auto"):
     """Logits of every row of batches, in the split's row order, computed by this
     process alone (no collectives: safe on one rank of several)."""
     model.eval()
     logits, rows = [], []
     for batch in batches:
         batch_on_device = batch.to(device)
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             logits.append(model(batch_on_device.idx, batch_on_device.lengths).float().cpu())
         rows.append(batch.rows)
     logits, rows = torch.cat(logits), torch.cat(rows)

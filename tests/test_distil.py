@@ -397,3 +397,35 @@ def test_teacher_with_short_context_and_long_sentences(teacher, tmp_path, capsys
     (long_data / "in_domain_dev.tsv").write_text("s\t1\t\tA sentence.\n")
     code, _, err = cli(capsys, *distil_args(long_data, teacher, tmp_path / "out", tmp_path, "--epochs", "1"))
     assert code == 0, err
+
+
+def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher, tmp_path, capsys, monkeypatch):
+    """Runs with other --val-split values share the teacher's training logits and keep
+    each other's validation logits; logits made in another precision are not reused."""
+    import train_utils
+    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
+    for val_split, computed in (("in", 2), ("out", 1), ("in", 0), ("out", 0)):
+        code, _, err = cli(capsys, *args, "--val-split", val_split)
+        assert code == 0, err
+        assert err.count("running the teacher") == computed, (val_split, err)
+    assert len(cache_files(teacher)) == 3  # train, val in, val out
+    # the same teacher under bf16 autocast (as on a GPU): its own files; the float32 ones stay
+    monkeypatch.setattr(train_utils, "precision_of", lambda device: "bf16-autocast")
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert err.count("running the teacher") == 2
+    assert len({name.split("-")[1] for name in cache_files(teacher)}) == 1  # the other teacher key's files went
+    monkeypatch.undo()
+    code, _, err = cli(capsys, *args)
+    assert err.count("running the teacher") == 2  # float32 again: recomputed, never read from bf16 files
+
+
+def test_lora_teacher_key_follows_its_base(tmp_path, tiny_ckpt, tmp_path_factory):
+    """The key covers the base the adapter was trained on (a changed base file changes it)."""
+    from train_utils import LoRATeacher
+    run = lora_subset_run(tmp_path_factory, tiny_ckpt.path)
+    base = shutil.copytree(tiny_ckpt.path, tmp_path / "base")
+    first = LoRATeacher(run, str(base)).key()
+    assert LoRATeacher(run, str(base)).key() == first
+    os.utime(base / "model.safetensors", ns=(1, 1))
+    assert LoRATeacher(run, str(base)).key() != first

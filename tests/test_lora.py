@@ -286,3 +286,28 @@ def test_logits_equal_peft(tiny_ckpt, tmp_path, case):
     assert base == tiny_ckpt.path
     with torch.no_grad():
         assert torch.equal(rebuilt(idx, lengths), expected)
+
+
+def test_merged_layer_refuses_training_and_loading(tiny_ckpt):
+    """A merged layer skips the adapter path (no gradient for A and B), and loading new
+    A/B into it would make unmerge() subtract an update the base never got."""
+    from train_utils import CheckpointError, load_into
+    classifier = fresh_classifier(tiny_ckpt.path)
+    randomize(classifier)
+    layer = lora_layers(classifier)[0]
+    x = torch.randn(3, layer.base.in_features)
+    layer.merge()
+    with torch.no_grad():
+        layer.train()(x)  # inference with a merged layer is what merging is for
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.train()(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.load_state_dict(state)
+    tensors = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+    with pytest.raises(CheckpointError, match="merged"):
+        load_into(classifier, {n: n for n in tensors}, tensors, "adapter")
+    layer.unmerge()
+    layer.load_state_dict(state)  # unmerged, both work again
+    layer.train()(x).sum().backward()
+    assert layer.lora_A.grad is not None

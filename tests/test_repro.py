@@ -37,12 +37,14 @@ def assert_same_run(a, b):
 
 
 def mode_argv(mode, tmp_path_factory, tiny_ckpt):
+    """A mode's flags for these tests; on the CPU, which they assert, even where a GPU is."""
     data = subset_dir(tmp_path_factory)
     if mode == "LoRA":
-        return ["LoRA", "--weights", tiny_ckpt.path, "--data-dir", data, "--epochs", "3", "--batch-size", "32"]
+        return ["LoRA", "--weights", tiny_ckpt.path, "--data-dir", data, "--device", "cpu", "--epochs", "3",
+                "--batch-size", "32"]
     extra = ["--teacher", lora_subset_run(tmp_path_factory, tiny_ckpt.path), "--weights", tiny_ckpt.path] \
         if mode == "distil" else []
-    return [mode, "--data-dir", data, *STUDENT, "--epochs", "3", "--batch-size", "32", *extra]
+    return [mode, "--data-dir", data, "--device", "cpu", *STUDENT, "--epochs", "3", "--batch-size", "32", *extra]
 
 
 @pytest.mark.parametrize("mode", ["LoRA", "rnn", "distil"])
@@ -112,17 +114,22 @@ def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, 
     assert_same_run(out, str(tmp_path / "straight"))
 
 
-@pytest.mark.parametrize("mode", ["LoRA", "rnn"])
+@pytest.mark.parametrize("mode", ["LoRA", "rnn", "distil"])
 def test_two_process_gloo_matches_one_process(mode, tmp_path, tmp_path_factory, tiny_ckpt):
-    argv = mode_argv(mode, tmp_path_factory, tiny_ckpt)[:-2] + ["--epochs", "2"] + common(tmp_path)
+    """distil starts with an empty teacher cache: rank 0 runs the teacher while rank 1
+    waits, and neither may wait for the other inside the teacher's run."""
+    argv = mode_argv(mode, tmp_path_factory, tiny_ckpt) + ["--epochs", "2"] + common(tmp_path)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_ok(*argv, "--out-dir", one)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_ok(*argv, "--out-dir", one, *(["--teacher-cache", tmp_path / "cache_one"] if mode == "distil" else []))
+    # gloo on CPU processes; hide any GPU so that no rank reaches for cuda:1 on a one-GPU machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv), "--out-dir", two]
+               os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv), "--out-dir", two,
+               *(["--teacher-cache", str(tmp_path / "cache_two")] if mode == "distil" else [])]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.listdir(tmp_path / "two").count("metrics.json") == 1
+    if mode == "distil":
+        assert result.stderr.count("running the teacher") == 2  # rank 0 only: train and validation
     epochs_one, _ = epochs_without_time(one)
     epochs_two, _ = epochs_without_time(two)
     assert [e["val_n"] for e in epochs_two] == [100, 100]  # the whole validation subset, each row once
@@ -183,3 +190,34 @@ def test_bad_sweeps(tmp_path, capsys):
     code, stdout, err = cli(capsys, "tune-report", str(tmp_path / "missing.tsv"))
     assert_error(code, stdout, err, "missing.tsv")
     shutil.rmtree(tmp_path)
+
+
+def test_resume_with_compile_toggled(tmp_path, tmp_path_factory, tiny_ckpt, monkeypatch):
+    """--compile may change between a run and its --resume: the state is saved under the
+    model's own parameter names, not the compiled wrapper's (_orig_mod.)."""
+    import torch
+    real_compile = torch.compile
+    # the eager backend: the same wrapper and parameter names as inductor, without its minutes of compiling
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    for first, then in ((["--compile"], []), ([], ["--compile"])):
+        out = str(tmp_path / f"run{len(first)}")
+        run_ok(*argv, "--out-dir", out, "--stop-after", "1", *first)
+        run_ok(*argv, "--out-dir", out, "--resume", *then)
+    run_ok(*argv, "--out-dir", tmp_path / "straight")
+    assert_same_run(str(tmp_path / "run1"), str(tmp_path / "straight"))
+    assert_same_run(str(tmp_path / "run0"), str(tmp_path / "straight"))
+
+
+def test_interrupt_in_the_first_epoch_says_nothing_was_saved(tmp_path, tmp_path_factory, tiny_ckpt, capsys,
+                                                              monkeypatch):
+    import train_utils
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_utils, "train_epoch", interrupted)
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    code, stdout, err = cli(capsys, *argv, "--out-dir", tmp_path / "run")
+    assert code == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "before any epoch finished" in last and "1-0" not in last

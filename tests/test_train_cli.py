@@ -17,7 +17,7 @@ import train_utils
 from cola import COLA_FILES, assert_error, cli, cola_dir, common, lora_full_run, read_rows, subset_dir
 from conftest import EOT, TINY
 from train_utils import accuracy, atomic_write, confusion, matthews_corrcoef, mcc_from_confusion
-from utils import encode
+from utils import encode, load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -249,11 +249,17 @@ def test_predict_prints_one_line_per_sentence(full_run, capsys, monkeypatch):
     assert [s for _, _, s in rows] == SENTENCES
     for label, p, _ in rows:
         assert 0 <= p <= 1 and label == int(p >= 0.5)
-    # one per line on stdin, blank lines ignored; small batches give the same numbers
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(SENTENCES[:3]) + "\n\n"))
+    # one per line on stdin; small batches give the same numbers
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(SENTENCES[:3]) + "\n"))
     code, stdout2, err = cli(capsys, "predict", "--checkpoint", out, "--batch-size", 1)
     assert code == 0, err
     assert parse_predictions(stdout2) == rows[:3]
+    # a blank line is not dropped in silence (every later answer would be one line off)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n"))
+    code, stdout3, err = cli(capsys, "predict", "--checkpoint", out)
+    assert_error(code, stdout3, err, "line 2", "blank", only_line=False)
+    code, stdout3, err = cli(capsys, "predict", "--checkpoint", out, SENTENCES[0], " ")
+    assert_error(code, stdout3, err, "argument 2", "blank", only_line=False)
 
 
 def test_real_runs_adapter_in_peft_reproduces_predict(full_run, tiny_ckpt, capsys):
@@ -380,3 +386,24 @@ def test_lora_targets_and_layernorm_reach_the_adapter(tmp_path_factory, tmp_path
     code, stdout, err = cli(capsys, "predict", "--checkpoint", out, *SENTENCES)
     assert code == 0, err
     assert len(parse_predictions(stdout)) == len(SENTENCES)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_predict_and_eval_share_one_precision(full_run, tmp_path, capsys, dtype):
+    """predict's labels on the validation sentences give exactly eval's accuracy, in
+    float32 and under bf16 autocast alike (--dtype; auto is bf16 on CUDA for both)."""
+    out, _ = full_run
+    _, val = load_cola(cola_dir(), "in")
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", out, "--dtype", dtype, *val.sentences)
+    assert code == 0, err
+    predicted = [label for label, _, _ in parse_predictions(stdout)]
+    code, _, err = cli(capsys, "eval", "--checkpoint", out, "--data-dir", cola_dir(), "--dtype", dtype,
+                       "--output", tmp_path / "e.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert sum(p == label for p, label in zip(predicted, val.labels)) / len(val.labels) == \
+        pytest.approx(result["acc"], abs=1e-6)
+    if dtype == "bfloat16":  # and the flag does change the arithmetic
+        code, stdout32, err = cli(capsys, "predict", "--checkpoint", out, "--dtype", "float32", *val.sentences[:50])
+        assert [p for _, p, _ in parse_predictions(stdout32)] != \
+            [p for _, p, _ in parse_predictions(stdout)][:50]
