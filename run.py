@@ -10,7 +10,7 @@ import sys
 from contextlib import nullcontext
 
 from model import LORA_TARGETS, PRESETS, WeightsError
-from train_utils import CheckpointError, Interrupted
+from train_utils import RUN_CONTROL, CheckpointError, Interrupted
 import tune
 from utils import DEFAULT_DATA_DIR, EOT_TOKEN, HUB_IDS, UserError, info
 
@@ -310,109 +310,11 @@ def validate_training(args):
         validate_distil(args)
 
 
-def train_config(args):
-    from train_utils import TrainConfig
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
-                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None))
-
-
 def load_data(args, block_size=1024):
     from utils import TokenizedSplit, load_cola
     train, val = load_cola(args.data_dir, args.val_split)
     info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
     return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
-
-
-def run_record(args, model, device, data):
-    """The parts of metrics.json that describe the run: what, with what, on what."""
-    import platform
-    from importlib.metadata import version
-
-    import torch
-    from utils import file_sha256s
-    return {"mode": args.mode, "args": {k: v for k, v in vars(args).items() if k != "mode"},
-            "params": {"total": sum(p.numel() for p in model.parameters()),
-                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-            "environment": {"seed": args.seed, "device": str(device), "python": platform.python_version(),
-                            "torch": torch.__version__, "numpy": version("numpy"),
-                            "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),
-                            "data_sha256": file_sha256s([split.split.source for split in data])},
-            "epochs": [], "best_epoch": None}
-
-
-# Flags that steer a run without changing what it computes: they may differ on --resume.
-RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
-               "compile", "overwrite", "keep_resume_state")
-# What a run writes into its --out-dir (--overwrite removes these, nothing else)
-RUN_FILES = ("metrics.json", "resume_state.pt", "student.safetensors", "student.json", "adapter", "plots")
-
-
-def train_and_report(args, model, device, data, record, save_best, loss_fn=None, teacher_val_predictions=None):
-    """The shared tail of every training mode: fit, keep the best epoch's weights,
-    write metrics.json (and the resumable state) after every epoch, plot."""
-    from train_utils import accuracy, best_epoch, cross_entropy_loss, fit, plot_history, save_json
-    from utils import is_main_process
-    train_set, val_set = data
-    params = record["params"]
-    info(f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
-         f"({100 * (1 - params['trainable'] / params['total']):.2f}% fewer to train)")
-    metrics_path = os.path.join(args.out_dir, "metrics.json")
-
-    def on_epoch_end(history, is_best, val):
-        if teacher_val_predictions is not None:  # how often the student agrees with its teacher
-            history[-1]["val_agreement"] = accuracy(val["logits"].argmax(-1), teacher_val_predictions)
-        if is_best:
-            save_best(history[-1])
-        record["epochs"] = history
-        record["best_epoch"] = best_epoch(history)
-        save_json(metrics_path, record)
-
-    signature = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    history = fit(model, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
-                  on_epoch_end=on_epoch_end, progress=not args.no_progress,
-                  state_path=os.path.join(args.out_dir, "resume_state.pt"), resume=args.resume,
-                  signature=signature, stop_after=args.stop_after, compile=args.compile)
-    if not is_main_process():
-        return record
-    if len(history) < args.epochs:
-        info(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with --resume")
-        return record
-    if not args.keep_resume_state:  # only an interrupted run needs it; it is the bulk of a run's bytes
-        os.remove(os.path.join(args.out_dir, "resume_state.pt"))
-    run_name = os.path.basename(os.path.normpath(args.out_dir))
-    plot_path = os.path.join(plots_dir(args), f"{args.mode}_{run_name}.png")
-    plot_history(record["epochs"], plot_path, f"{args.mode} ({run_name})")
-    best = record["epochs"][record["best_epoch"] - 1]
-    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
-         f"wrote {metrics_path} and {plot_path}")
-    return record
-
-
-def plots_dir(args):
-    return args.plots_dir or os.path.join(args.out_dir, "plots")
-
-
-def claim_out_dir(args):
-    """Never lose a finished run by accident: an --out-dir holding one is refused
-    unless --resume continues it or --overwrite replaces it."""
-    import shutil
-    out = args.out_dir
-    if args.resume:
-        if not os.path.isfile(os.path.join(out, "resume_state.pt")):
-            raise UserError(f"--resume: {out} has no resume_state.pt; nothing to resume "
-                            "(drop --resume to start anew)")
-        return
-    held = [name for name in ("metrics.json", "resume_state.pt") if os.path.exists(os.path.join(out, name))]
-    if held and not args.overwrite:
-        raise UserError(f"--out-dir {out} already holds a run ({held[0]}); pass --resume to continue it, "
-                        "--overwrite to replace it, or another --out-dir")
-    for name in RUN_FILES if held else ():
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def run_training(args):
@@ -423,6 +325,7 @@ def run_training(args):
         raise UserError(f"--out-dir {args.out_dir} is a file; pass a directory")
     if not is_main_process():  # rank 0 claims the directory for every rank
         return RUNNERS[args.mode](args)
+    from train_utils import claim_out_dir
     with lock_dir(args.out_dir):
         claim_out_dir(args)
         return RUNNERS[args.mode](args)
@@ -452,7 +355,7 @@ def validate_lora(args):
 
 def run_lora(args):
     from model import GPTClassifier, add_lora
-    from train_utils import save_lora_adapter, set_trainable
+    from train_utils import run_record, set_trainable, train_run
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     device = prepare(args)
     gpt = load_gpt(args, device="cpu")
@@ -462,14 +365,10 @@ def run_lora(args):
     set_trainable(classifier, args.train_layernorm)
     classifier.to(device)
     base = os.path.abspath(args.weights) if args.weights else HUB_IDS[args.gpt_variant]
-    lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
-                train_layernorm=args.train_layernorm)
     record = run_record(args, classifier, device, data)
-    record["lora"] = {**lora, "base": base}
-
-    def save_best(_):
-        save_lora_adapter(classifier, os.path.join(args.out_dir, "adapter"), base, lora)
-    train_and_report(args, classifier, device, data, record, save_best)
+    record["lora"] = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                          train_layernorm=args.train_layernorm, base=base)
+    train_run(args, classifier, device, data, record)
 
 
 def validate_student(args):
@@ -512,7 +411,7 @@ def train_student(args, device, data, loss_fn=None, record_extra=None, teacher_v
     """Build the DistilRNN (seeded right before, so rnn and distil start from the same
     weights and see the same batches whatever the teacher did with the RNG), train it
     and save the best epoch's student."""
-    from train_utils import save_student
+    from train_utils import plot_rnn_vs_distil, run_record, train_run
     from utils import is_main_process, seed_everything
     gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
     seed_everything(args.seed)
@@ -520,31 +419,9 @@ def train_student(args, device, data, loss_fn=None, record_extra=None, teacher_v
     del gpt
     record = run_record(args, student, device, data)
     record.update(record_extra or {})
-
-    def save_best(_):
-        save_student(student, args.out_dir, {"trained_by": args.mode})
-    record = train_and_report(args, student, device, data, record, save_best, loss_fn, teacher_val_predictions)
+    record = train_run(args, student, device, data, record, loss_fn, teacher_val_predictions)
     if is_main_process() and len(record["epochs"]) == args.epochs:
         plot_rnn_vs_distil(args)
-
-
-def plot_rnn_vs_distil(args):
-    """When the rnn and distil runs side by side both exist, compare them in one plot."""
-    import json
-
-    from train_utils import plot_comparison
-    parent = os.path.dirname(os.path.normpath(args.out_dir))
-    runs = {}
-    for mode in ("rnn", "distil"):
-        path = os.path.join(args.out_dir if mode == args.mode else os.path.join(parent, mode), "metrics.json")
-        try:
-            with open(path) as f:
-                runs[mode] = json.load(f)["epochs"]
-        except (OSError, ValueError, KeyError):
-            return
-    path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
-    plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from GPT-2 (distil)")
-    info(f"wrote {path}")
 
 
 def validate_distil(args):
@@ -570,63 +447,33 @@ def validate_distil(args):
                         "nothing; raise --kd-alpha or pass --augment 0")
 
 
+def augment_config(args):
+    from utils import AugmentConfig
+    return AugmentConfig(copies=args.augment, mask_prob=args.mask_prob, swap_prob=args.swap_prob,
+                         ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
+
+
 def run_distil(args):
     """distil: the DistilRNN trained on the teacher's logits (and the labels), over
     the training sentences and, with --augment N, N synthetic sentences each."""
-    import torch
-    from train_utils import DistilLoss, accuracy, cached_teacher_logits, load_teacher, matthews_corrcoef, \
-        read_logits, teacher_cache_dir
-    from utils import AugmentConfig, Split, TokenizedSplit, augment, barrier, encode, is_main_process
+    from train_utils import DistilLoss, load_teacher, teacher_from_file, teacher_targets
     if args.teacher_logits is None and args.teacher is None:
         args.teacher = "runs/LoRA"
     # the teacher before the data: a missing teacher is the quicker mistake to report
     teacher = None if args.teacher_logits else load_teacher(args.teacher, args.weights)
     device = prepare(args)
     train_set, val_set = load_data(args)
-    teacher_record = {"val_acc": None, "val_mcc": None}
-    val_predictions = None
     if teacher is None:
-        train_logits = read_logits(args.teacher_logits, len(train_set))
-        teacher_record["source"] = os.path.abspath(args.teacher_logits)
-        transfer = train_set
+        targets = teacher_from_file(args.teacher_logits, train_set)
     else:
-        teacher_record["source"] = os.path.abspath(args.teacher)
-        cfg = AugmentConfig(copies=args.augment, mask_prob=args.mask_prob, swap_prob=args.swap_prob,
-                            ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
-        synthetic = augment(train_set.split.sentences, cfg) if args.augment else []
-        texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
-        if synthetic:
-            texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
-        cache_dir = args.teacher_cache or teacher_cache_dir(teacher.directory)
-        # rank 0 runs the teacher (no collectives inside) and fills the cache; the others read it
-        if is_main_process():
-            logits = cached_teacher_logits(teacher, texts, cache_dir, device)
-        barrier()
-        if not is_main_process():
-            logits = cached_teacher_logits(teacher, texts, cache_dir, device)
-        val_predictions = logits["val"].argmax(-1)
-        teacher_record["val_acc"] = accuracy(val_predictions, val_set.labels)
-        teacher_record["val_mcc"] = matthews_corrcoef(val_predictions, val_set.labels)
-        info(f"teacher ({teacher.description}) on validation: acc {teacher_record['val_acc']:.4f} "
-             f"MCC {teacher_record['val_mcc']:.4f}")
-        train_logits = logits["train"]
-        transfer = train_set
-        if synthetic:
-            # the student reads a masked word as the unknown word; GPT-2's stand-in is end-of-text
-            student_texts = [s.render("<|endoftext|>") for s in synthetic]
-            transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
-                                            train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
-                                      tokens=train_set.tokens + [encode(text) for text in student_texts])
-            train_logits = torch.cat([train_logits, logits["augment"]])
-            info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
-                 f"({args.augment} each)")
-    loss_fn = DistilLoss(train_logits.to(device), args.kd_alpha, args.kd_temperature, args.kd_loss)
-    extra = {"teacher": teacher_record,
+        targets = teacher_targets(teacher, train_set, val_set, device, augment_config(args), args.teacher_cache)
+    loss_fn = DistilLoss(targets.logits.to(device), args.kd_alpha, args.kd_temperature, args.kd_loss)
+    extra = {"teacher": targets.record,
              "distillation": {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "loss": args.kd_loss,
                               "augment": args.augment, "mask_prob": args.mask_prob, "swap_prob": args.swap_prob,
                               "ngram_prob": args.ngram_prob, "max_ngram": args.max_ngram,
-                              "transfer_sentences": len(transfer)}}
-    train_student(args, device, (transfer, val_set), loss_fn, extra, val_predictions)
+                              "transfer_sentences": len(targets.transfer)}}
+    train_student(args, device, (targets.transfer, val_set), loss_fn, extra, targets.val_predictions)
 
 
 # ---------------------------------------------------------------------------

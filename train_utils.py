@@ -858,6 +858,54 @@ def cached_teacher_logits(teacher, texts_by_name, cache_dir, device):
     return logits
 
 
+@dataclass
+class TeacherTargets:
+    """What distil learns from: the transfer set (the training sentences, then the
+    synthetic ones), the teacher's logits for each of its rows, the teacher's
+    predictions on the validation set (None from a logits file) and its record."""
+    transfer: object
+    logits: torch.Tensor
+    val_predictions: torch.Tensor
+    record: dict
+
+
+def teacher_from_file(path, train_set):
+    """--teacher-logits FILE: one row of logits per training sentence, nothing else."""
+    return TeacherTargets(train_set, read_logits(path, len(train_set)), None,
+                          {"source": os.path.abspath(path), "val_acc": None, "val_mcc": None})
+
+
+def teacher_targets(teacher, train_set, val_set, device, augment_config, cache_dir=None):
+    """Run the teacher (or read its cache) over the training and validation sentences
+    and augment_config.copies synthetic sentences per training sentence. Under
+    torchrun rank 0 fills the cache, with no collectives inside, and the others read it."""
+    from utils import Split, TokenizedSplit, augment, barrier, encode, is_main_process
+    synthetic = augment(train_set.split.sentences, augment_config) if augment_config.copies else []
+    texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
+    if synthetic:
+        texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
+    cache_dir = cache_dir or teacher_cache_dir(teacher.directory)
+    if is_main_process():
+        logits = cached_teacher_logits(teacher, texts, cache_dir, device)
+    barrier()
+    if not is_main_process():
+        logits = cached_teacher_logits(teacher, texts, cache_dir, device)
+    val_predictions = logits["val"].argmax(-1)
+    record = {"source": os.path.abspath(teacher.directory), "val_acc": accuracy(val_predictions, val_set.labels),
+              "val_mcc": matthews_corrcoef(val_predictions, val_set.labels)}
+    info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
+    if not synthetic:
+        return TeacherTargets(train_set, logits["train"], val_predictions, record)
+    # the student reads a masked word as the unknown word; GPT-2 has none, end-of-text stands in
+    student_texts = [s.render("<|endoftext|>") for s in synthetic]
+    transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
+                                    train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
+                              tokens=train_set.tokens + [encode(text) for text in student_texts])
+    info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
+         f"({augment_config.copies} each)")
+    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record)
+
+
 def _file_digest(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -890,3 +938,137 @@ def save_logits(path, logits):
         with open(tmp, "wb") as f:
             np.save(f, logits.float().numpy())
     atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------
+# A training run: its directory, metrics.json, plots
+# ---------------------------------------------------------------------------
+
+def train_config(args):
+    """The TrainConfig of a training mode's flags."""
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
+                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None))
+
+
+def run_record(args, model, device, data):
+    """The parts of metrics.json that describe the run: what, with what, on what."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+    from utils import file_sha256s
+    return {"mode": args.mode, "args": {k: v for k, v in vars(args).items() if k != "mode"},
+            "params": {"total": sum(p.numel() for p in model.parameters()),
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "environment": {"seed": args.seed, "device": str(device), "python": platform.python_version(),
+                            "torch": torch.__version__, "numpy": version("numpy"),
+                            "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),
+                            "data_sha256": file_sha256s([split.split.source for split in data])},
+            "epochs": [], "best_epoch": None}
+
+
+# Flags that steer a run without changing what it computes: they may differ on --resume.
+RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
+               "compile", "overwrite", "keep_resume_state")
+# What a run writes into its --out-dir (--overwrite removes these, nothing else)
+RUN_FILES = ("metrics.json", "resume_state.pt", "student.safetensors", "student.json", "adapter", "plots")
+
+
+class RunRecorder:
+    """After every epoch (rank 0): the best epoch's weights, and metrics.json with
+    every epoch so far (and, for distil, how often the student agrees with its teacher)."""
+
+    def __init__(self, args, model, record, teacher_val_predictions=None):
+        self.args, self.model, self.record = args, model, record
+        self.teacher_val_predictions = teacher_val_predictions
+
+    def epoch_end(self, history, is_best, val):
+        if self.teacher_val_predictions is not None:
+            history[-1]["val_agreement"] = accuracy(val["logits"].argmax(-1), self.teacher_val_predictions)
+        if is_best:
+            save_checkpoint(self.model, self.args.out_dir, self.record)
+        self.record["epochs"] = history
+        self.record["best_epoch"] = best_epoch(history)
+        save_json(os.path.join(self.args.out_dir, "metrics.json"), self.record)
+
+
+def save_checkpoint(model, out_dir, record):
+    """A LoRA run keeps its adapter in PEFT's format, rnn and distil their student."""
+    if "lora" in record:
+        save_lora_adapter(model, os.path.join(out_dir, "adapter"), record["lora"]["base"], record["lora"])
+    else:
+        save_student(model, out_dir, {"trained_by": record["mode"]})
+
+
+def train_run(args, model, device, data, record, loss_fn=None, teacher_val_predictions=None):
+    """The shared body of every training mode: fit, keep the best epoch's weights,
+    write metrics.json (and the resumable state) after every epoch, plot."""
+    from utils import is_main_process
+    train_set, val_set = data
+    params = record["params"]
+    info(f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
+         f"({100 * (1 - params['trainable'] / params['total']):.2f}% fewer to train)")
+    metrics_path = os.path.join(args.out_dir, "metrics.json")
+    recorder = RunRecorder(args, model, record, teacher_val_predictions)
+    signature = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    history = fit(model, train_set, val_set, train_config(args), device, loss_fn=loss_fn or cross_entropy_loss,
+                  on_epoch_end=recorder.epoch_end, progress=not args.no_progress,
+                  state_path=os.path.join(args.out_dir, "resume_state.pt"), resume=args.resume,
+                  signature=signature, stop_after=args.stop_after, compile=args.compile)
+    if not is_main_process():
+        return record
+    if len(history) < args.epochs:
+        info(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with --resume")
+        return record
+    if not args.keep_resume_state:  # only an interrupted run needs it; it is the bulk of a run's bytes
+        os.remove(os.path.join(args.out_dir, "resume_state.pt"))
+    run_name = os.path.basename(os.path.normpath(args.out_dir))
+    plot_path = os.path.join(plots_dir(args), f"{args.mode}_{run_name}.png")
+    plot_history(record["epochs"], plot_path, f"{args.mode} ({run_name})")
+    best = record["epochs"][record["best_epoch"] - 1]
+    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
+         f"wrote {metrics_path} and {plot_path}")
+    return record
+
+
+def plots_dir(args):
+    return args.plots_dir or os.path.join(args.out_dir, "plots")
+
+
+def claim_out_dir(args):
+    """Never lose a finished run by accident: an --out-dir holding one is refused
+    unless --resume continues it or --overwrite replaces it."""
+    out = args.out_dir
+    if args.resume:
+        if not os.path.isfile(os.path.join(out, "resume_state.pt")):
+            raise CheckpointError(f"--resume: {out} has no resume_state.pt; nothing to resume "
+                            "(drop --resume to start anew)")
+        return
+    import shutil
+    held = [name for name in ("metrics.json", "resume_state.pt") if os.path.exists(os.path.join(out, name))]
+    if held and not args.overwrite:
+        raise CheckpointError(f"--out-dir {out} already holds a run ({held[0]}); pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out-dir")
+    for name in RUN_FILES if held else ():
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def plot_rnn_vs_distil(args):
+    """When the rnn and distil runs side by side both exist, compare them in one plot."""
+    parent = os.path.dirname(os.path.normpath(args.out_dir))
+    runs = {}
+    for mode in ("rnn", "distil"):
+        path = os.path.join(args.out_dir if mode == args.mode else os.path.join(parent, mode), "metrics.json")
+        try:
+            with open(path) as f:
+                runs[mode] = json.load(f)["epochs"]
+        except (OSError, ValueError, KeyError):
+            return
+    path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
+    plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from GPT-2 (distil)")
+    info(f"wrote {path}")
