@@ -885,6 +885,7 @@ def teacher_targets(teacher, train_set, val_set, device, augment_config, cache_d
     if synthetic:
         texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
     cache_dir = cache_dir or teacher_cache_dir(teacher.directory)
+    start = time.time()
     if is_main_process():
         logits = cached_teacher_logits(teacher, texts, cache_dir, device)
     barrier()
@@ -892,7 +893,8 @@ def teacher_targets(teacher, train_set, val_set, device, augment_config, cache_d
         logits = cached_teacher_logits(teacher, texts, cache_dir, device)
     val_predictions = logits["val"].argmax(-1)
     record = {"source": os.path.abspath(teacher.directory), "val_acc": accuracy(val_predictions, val_set.labels),
-              "val_mcc": matthews_corrcoef(val_predictions, val_set.labels)}
+              "val_mcc": matthews_corrcoef(val_predictions, val_set.labels),
+              "seconds": time.time() - start}  # for the teacher's logits: seconds when it ran, ~0 from the cache
     info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
     if not synthetic:
         return TeacherTargets(train_set, logits["train"], val_predictions, record)
