@@ -18,7 +18,7 @@ from utils import DEFAULT_DATA_DIR, EOT_TOKEN, HUB_IDS, UserError, info
 EMBD_DROPOUT = 0.0
 HEAD_DROPOUT = 0.0
 EMBD_WEIGHT_DECAY = None
-AUGMENT = 0
+AUGMENT = 3
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,9 +106,10 @@ def build_parser():
                            help="weight of the teacher term; 0 = labels only, i.e. rnn (default 0.5)")
             p.add_argument("--kd-loss", choices=("kl", "mse"), default="kl",
                            help="kl on softened probabilities (Hinton) or mse on logits (Tang) (default kl)")
-            p.add_argument("--augment", type=int, default=AUGMENT, metavar="N",
+            p.add_argument("--augment", type=int, default=None, metavar="N",
                            help=f"N synthetic sentences per training sentence, labelled by the teacher "
-                                f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT})")
+                                f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT}; "
+                                f"0 with --teacher-logits)")
             p.add_argument("--mask-prob", type=float, default=0.1, help="augment: mask a word (default 0.1)")
             p.add_argument("--swap-prob", type=float, default=0.1,
                            help="augment: swap a word for one of the same kind (default 0.1)")
@@ -429,6 +430,8 @@ def validate_distil(args):
         raise UserError(f"--kd-temperature must be > 0, got {args.kd_temperature}")
     if not 0 <= args.kd_alpha <= 1:
         raise UserError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
+    if args.augment is None:
+        args.augment = 0 if args.teacher_logits else AUGMENT
     if args.augment < 0:
         raise UserError(f"--augment must be >= 0, got {args.augment}")
     for flag, value in (("--mask-prob", args.mask_prob), ("--swap-prob", args.swap_prob),

@@ -111,8 +111,8 @@ def test_teacher_cache_flag_and_changed_teacher(tiny_bert, tmp_path, tmp_path_fa
             "--teacher-cache", tmp_path / "cache", "--out-dir", tmp_path / "distil", *common(tmp_path)]
     code, _, err = cli(capsys, *argv)
     assert code == 0, err
-    first = cache_names(tmp_path / "cache")
-    assert len(first) == 2 and not os.path.exists(os.path.join(teacher, "teacher_logits"))
+    first = cache_names(tmp_path / "cache")  # train, val and the default --augment's synthetic sentences
+    assert len(first) == 3 and not os.path.exists(os.path.join(teacher, "teacher_logits"))
     # new weights: a new teacher key, and the old teacher's files are removed
     from safetensors.torch import load_file, save_file
     weights = os.path.join(teacher, "model.safetensors")
@@ -122,9 +122,9 @@ def test_teacher_cache_flag_and_changed_teacher(tiny_bert, tmp_path, tmp_path_fa
     save_file(tensors, weights, metadata={"format": "pt"})
     code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "again")
     assert code == 0, err
-    assert err.count("running the teacher") == 2
+    assert err.count("running the teacher") == 3
     second = cache_names(tmp_path / "cache")
-    assert len(second) == 2 and not set(first) & set(second)
+    assert len(second) == 3 and not set(first) & set(second)
 
 
 def write_config(directory, **changes):
