@@ -318,7 +318,8 @@ def _read_state_dict(weights_path):
         # never unpickle arbitrary objects from a file someone handed us
         return torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot read weights {weights_path}: {str(e).splitlines()[0][:200]}") from None
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]  # one line, even from an empty message
+        raise WeightsError(f"cannot read weights {weights_path}: {reason}") from None
 
 
 

@@ -331,7 +331,7 @@ def load_training_state(path, model, optimizer, scheduler, generator, signature)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"--resume: {path} is corrupt ({str(e).splitlines()[0][:120]}); "
+        raise CheckpointError(f"--resume: {path} is corrupt ({one_line(e)[:120]}); "
                               "drop --resume to start anew") from None
     saved = state.get("signature") or {}
     changed = sorted(k for k in set(saved) | set(signature or {}) if saved.get(k) != (signature or {}).get(k))
@@ -552,7 +552,7 @@ def read_tensors(path):
     try:
         return load_file(path)
     except Exception as e:
-        raise CheckpointError(f"{path} is corrupt ({str(e).splitlines()[0][:120]}); "
+        raise CheckpointError(f"{path} is corrupt ({one_line(e)[:120]}); "
                               "re-run training to write it again") from None
 
 
