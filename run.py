@@ -22,15 +22,58 @@ AUGMENT = 3
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line and accepts every
-    --dashed-flag also as --underscored_flag (e.g. --gpt_variant)."""
+    """argparse that reports a bad argument in one line, with a "did you mean" for
+    a misspelt mode or flag, and accepts every --dashed-flag also as
+    --underscored_flag (e.g. --gpt_variant) without listing it twice in --help."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            args = [dashed(a) for a in args]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        raise UserError(f"{message} (see python {self.prog} --help)")
+        import difflib
+        import re
+        hint = ""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"[\w-]+", choice.group(2))
+            hint = close_match(choice.group(1), options)
+        elif message.startswith("unrecognized arguments:"):
+            flags = {f for p in self.all_parsers() for f in p._option_string_actions}
+            for unknown in message.split(":", 1)[1].split():
+                if unknown.startswith("--"):
+                    hint = hint or close_match(unknown.split("=")[0], flags)
+        raise UserError(f"{message}{hint} (see python {self.prog} --help)")
 
-    def add_argument(self, *names, **kwargs):
-        aliases = [n.replace("-", "_").replace("__", "--", 1) for n in names if n.startswith("--") and "-" in n[2:]]
-        return super().add_argument(*names, *aliases, **kwargs)
+    def all_parsers(self):
+        yield self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from sub.all_parsers()
+
+
+def close_match(word, options):
+    import difflib
+    best = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {best[0]}?" if best else ""
+
+
+def dashed(arg):
+    """--some_flag[=value] -> --some-flag[=value]: underscores are accepted in flag names."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def canonical_mode(argv):
+    """Mode names are case-insensitive: lora, LoRA and LORA are one mode."""
+    modes = {name.lower(): name for name in RUNNERS}
+    if argv and argv[0].lower() in modes:
+        return [modes[argv[0].lower()], *argv[1:]]
+    return argv
 
 
 def seed_value(text):
@@ -42,7 +85,7 @@ def seed_value(text):
 
 def add_common(p):
     p.add_argument("--seed", type=seed_value, default=0, help="random seed, 0 to 2**32-1 (default 0)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else CPU)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else Apple's MPS, else the CPU)")
 
 
 def add_dtype(p):
@@ -543,7 +586,7 @@ TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 def main(argv=None):
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        argv = canonical_mode(sys.argv[1:] if argv is None else list(argv))
         args = build_parser().parse_args(argv)
         if args.mode in TRAINING_MODES and args.tune:
             validate_training(args)

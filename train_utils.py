@@ -1009,8 +1009,11 @@ def train_run(args, model, device, data, record, loss_fn=None, teacher_val_predi
     from utils import is_main_process
     train_set, val_set = data
     params = record["params"]
-    info(f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
-         f"({100 * (1 - params['trainable'] / params['total']):.2f}% fewer to train)")
+    if params["trainable"] == params["total"]:
+        info(f"parameters: {params['total']:,}, all trained")
+    else:
+        info(f"parameters: {params['total']:,} total, {params['trainable']:,} trained "
+             f"({100 * params['trainable'] / params['total']:.2f}% of them)")
     metrics_path = os.path.join(args.out_dir, "metrics.json")
     recorder = RunRecorder(args, model, record, teacher_val_predictions)
     signature = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}

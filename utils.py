@@ -278,7 +278,8 @@ def read_cola_tsv(path):
                 sentences.append(row[3])
                 labels.append(int(label))
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{path}:{_first_bad_utf8_line(path)}: not UTF-8 text ({e.reason}); "
+                        "save the file as UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if not labels:
@@ -287,6 +288,18 @@ def read_cola_tsv(path):
 
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cola")
+
+
+def _first_bad_utf8_line(path):
+    """Number of the first line of path that is not valid UTF-8 (the decoder only
+    knows an offset within the chunk it was given)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 1
 
 
 def load_cola(data_dir=DEFAULT_DATA_DIR, val_split="in"):

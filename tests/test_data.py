@@ -143,11 +143,11 @@ def test_empty_file(tmp_path):
         load_cola(data, "in")
 
 
-def test_not_utf8(tmp_path):
+def test_not_utf8_names_the_line(tmp_path):
     data = release_dir(tmp_path)
     with open(os.path.join(data, "in_domain_train.tsv"), "wb") as f:
-        f.write(b"src\t1\t\tCaf\xe9 au lait.\n")
-    with pytest.raises(UserError, match="not UTF-8"):
+        f.write(("".join(line + "\n" for line in GOOD * 3000)).encode() + b"src\t1\t\tCaf\xe9 au lait.\n")
+    with pytest.raises(UserError, match=r"in_domain_train\.tsv:9001: not UTF-8"):
         load_cola(data, "in")
 
 

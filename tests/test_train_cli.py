@@ -401,3 +401,39 @@ def test_predict_and_eval_share_one_precision(full_run, tmp_path, capsys, dtype)
         code, stdout32, err = cli(capsys, "predict", "--checkpoint", out, "--dtype", "float32", *val.sentences[:50])
         assert [p for _, p, _ in parse_predictions(stdout32)] != \
             [p for _, p, _ in parse_predictions(stdout)][:50]
+
+
+# ---------------------------------------------------------------------------
+# The command line's manners
+# ---------------------------------------------------------------------------
+
+def test_mode_names_are_case_insensitive_and_typos_get_a_suggestion(tmp_path, capsys):
+    import run
+    for spelling in ("lora", "LORA", "LoRA"):
+        assert run.build_parser().parse_args(run.canonical_mode([spelling])).mode == "LoRA"
+    code, out, err = cli(capsys, "distill")
+    assert_error(code, out, err, "invalid choice", "did you mean distil?")
+    code, out, err = cli(capsys, "rnn", "--learning-rat", "0.1", "--out-dir", tmp_path / "x")
+    line = assert_error(code, out, err, "unrecognized arguments")
+    code, out, err = cli(capsys, "rnn", "--rnn-hiden", "16", "--out-dir", tmp_path / "x")
+    assert_error(code, out, err, "did you mean --rnn-hidden?")
+    assert "did you mean" not in line or "--" in line
+
+
+def test_help_lists_each_flag_once_and_underscores_still_work(capsys):
+    import run
+    with pytest.raises(SystemExit):
+        run.main(["rnn", "--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.count("\n  --batch-size") == 1 and "--batch_size" not in help_text
+    assert "else Apple's MPS, else the CPU" in " ".join(help_text.split())  # as the README says
+    args = run.build_parser().parse_args(["rnn", "--batch_size", "7", "--rnn_hidden=9", "--out_dir", "x"])
+    assert (args.batch_size, args.rnn_hidden, args.out_dir) == (7, 9, "x")
+
+
+def test_parameter_line_of_a_model_trained_in_full(tmp_path, tmp_path_factory, capsys):
+    code, _, err = cli(capsys, "rnn", "--rnn-hidden", "8", "--rnn-embd", "4", "--epochs", "1",
+                       "--data-dir", subset_dir(tmp_path_factory), "--out-dir", tmp_path / "r", *common(tmp_path))
+    assert code == 0, err
+    # 50257 * 4 embedding + RNN layers (4*8 + 8*8 + 2*8, then 8*8 + 8*8 + 2*8) + head 8*2 + 2
+    assert "parameters: 201,302, all trained" in err and "fewer" not in err
