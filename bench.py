@@ -3,6 +3,8 @@
     python bench.py gen      # greedy decoding, ours vs transformers.generate
     python bench.py lora     # one CoLA epoch of LoRA training, ours vs transformers + peft
     python bench.py distil   # seconds per distil epoch (teacher cached) vs per rnn epoch
+    python bench.py rnn      # one rnn epoch: ours vs the same with the plain (unfused) optimizer step
+    python bench.py predict  # the student against GPT-2 teachers at inference: sentences/s, ms, size
 
 Each prints what it measured on stderr-free stdout lines; the last line is JSON:
 {"bench": ..., "ours": ..., "reference": ..., "ratio": ...}.
@@ -21,9 +23,24 @@ DEFAULT_COLA = os.path.join(HERE, "data", "cola")
 
 
 def device_name(device):
+    """The device as a reader needs it to compare figures: GPU name, or the CPU's
+    model, its vector/matrix units and the threads used."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    units = ", ".join(u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags) or "no avx2"
+    return f"cpu: {model} ({units}), {torch.get_num_threads()} threads"
 
 
 def sync(device):
@@ -81,8 +98,9 @@ def bench_gen(args):
     print(f"ours:                  {new / t_ours:.1f} tok/s")
     print(f"ceiling, bare vector-matrix products over every weight per token: {ceiling:.1f} tok/s "
           f"(weights stored (in, out) as ours); {ceiling_out_in:.1f} tok/s stored (out, in) as nn.Linear")
-    return {"bench": "gen", "device": device.type, "ours": new / t_ours, "reference": new / t_ref,
-            "ratio": t_ref / t_ours, "ceiling": ceiling, "identical": same}
+    print(f"ours at {new / t_ours / ceiling:.0%} of the ceiling, transformers at {new / t_ref / ceiling:.0%}")
+    return {"bench": "gen", "device": device_name(device), "ours": new / t_ours, "reference": new / t_ref,
+            "ratio": t_ref / t_ours, "ceiling": ceiling, "ceiling_share": new / t_ours / ceiling, "identical": same}
 
 
 def matvec_ceiling(model, steps, device, layout="in,out"):
@@ -188,7 +206,7 @@ def bench_lora(args):
           f"({'full epoch' if len(ours_batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
     print(f"transformers + peft: {n_ref / t_ref:.1f} sentences/s ({tokens_ref} token slots incl. padding)")
     print(f"ours:                {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. padding)")
-    return {"bench": "lora", "device": device.type, "ours": n_ours / t_ours, "reference": n_ref / t_ref,
+    return {"bench": "lora", "device": device_name(device), "ours": n_ours / t_ours, "reference": n_ref / t_ref,
             "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(ours_batches)}
 
 
@@ -230,11 +248,103 @@ def bench_distil(args):
     print(f"DistilRNN defaults, batch {batch_size}, one CoLA epoch, best of {args.repeats}")
     print(f"rnn epoch:    {min(t_rnn):.2f} s")
     print(f"distil epoch: {min(t_distil):.2f} s (teacher logits cached)")
-    return {"bench": "distil", "device": device.type, "ours": min(t_distil), "reference": min(t_rnn),
+    return {"bench": "distil", "device": device_name(device), "ours": min(t_distil), "reference": min(t_rnn),
             "ratio": min(t_distil) / min(t_rnn)}
 
 
-BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil}
+# ---------------------------------------------------------------------------
+# rnn
+# ---------------------------------------------------------------------------
+
+def bench_rnn(args):
+    """Seconds per rnn epoch (defaults: 2-layer ReLU RNN, 768 wide, batch 128) with the
+    fused Adam(W) step train_utils uses, against the same epoch with torch's default
+    (unfused) AdamW step, the code before it; same batches, same model."""
+    from model import DistilRNN, RNNConfig
+    from train_utils import TrainConfig, make_scheduler, make_training, train_epoch
+    device = torch.device(args.device)
+    batch_size = args.batch_size or 128
+    train_set, _ = cola_train(args)
+
+    def epoch_seconds(fused):
+        torch.manual_seed(0)
+        student = DistilRNN(RNNConfig()).to(device)
+        cfg = TrainConfig(epochs=1, batch_size=batch_size)
+        batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        params, optimizer, scheduler = make_training(student, cfg, len(batches))
+        if not fused:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            scheduler = make_scheduler(optimizer, len(batches), cfg.warmup_ratio)
+        start = time.perf_counter()
+        train_epoch(student, batches, optimizer, scheduler, params, device)
+        sync(device)
+        return time.perf_counter() - start
+
+    epoch_seconds(True)  # warm-up
+    ours, plain = [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        ours.append(epoch_seconds(True))
+        plain.append(epoch_seconds(False))
+    print(f"device: {device_name(device)}")
+    print(f"DistilRNN defaults, batch {batch_size}, one CoLA epoch, best of {args.repeats}")
+    print(f"unfused AdamW step (before): {min(plain):.2f} s")
+    print(f"ours (fused Adam(W) step):   {min(ours):.2f} s")
+    return {"bench": "rnn", "device": device_name(device), "ours": min(ours), "reference": min(plain),
+            "ratio": min(plain) / min(ours)}
+
+
+# ---------------------------------------------------------------------------
+# predict: what distillation buys at inference
+# ---------------------------------------------------------------------------
+
+def bench_predict(args):
+    """The student against GPT-2 LoRA classifiers as predict runs them (merged
+    adapters, length-sorted batches), on CoLA's in-domain dev sentences: sentences/s
+    at batch 64, milliseconds per sentence at batch 1, parameters and size on disk."""
+    from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, lora_layers
+    from train_utils import predict_logits, save_tensors
+    from utils import Split, TokenizedSplit, load_cola
+    device = torch.device(args.device)
+    _, val = load_cola(args.data_dir, "in")
+    split = TokenizedSplit(Split(val.sentences, [0] * len(val), "dev"))
+    single = TokenizedSplit(Split(val.sentences[:args.single_sentences], [0] * args.single_sentences, "dev"))
+
+    def teacher(preset):
+        torch.manual_seed(0)
+        classifier = GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[preset])), rank=4, alpha=8))
+        for layer in lora_layers(classifier):
+            layer.merge()  # what predict does: inference at the plain model's cost
+        return classifier.eval()
+
+    models = {"GPT-2 LoRA teacher (gpt2 shape)": lambda: teacher("gpt2"),
+              "GPT-2 LoRA teacher (gpt2-medium shape)": lambda: teacher("gpt2-medium"),
+              "DistilRNN student (defaults)": lambda: DistilRNN(RNNConfig()).eval()}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make in models.items():
+            model = make().to(device)
+            predict_logits(model, split.batches(64)[:2], device)  # warm-up
+            batched = best_of(args.repeats, lambda: predict_logits(model, split.batches(64), device), device)
+            one = best_of(args.repeats, lambda: predict_logits(model, single.batches(1), device), device)
+            path = os.path.join(tmp, "model.safetensors")
+            save_tensors(path, model.state_dict())
+            rows[name] = {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
+                          "params": sum(p.numel() for p in model.parameters()), "mb": os.path.getsize(path) / 2 ** 20}
+            del model
+    print(f"device: {device_name(device)}")
+    print(f"{len(split)} CoLA in-domain dev sentences; batch 64 length-sorted; batch 1 over the first "
+          f"{len(single)}; float32; best of {args.repeats}")
+    print(f"{'model':<40} {'params':>12} {'MB on disk':>10} {'sent/s @64':>11} {'ms/sent @1':>11}")
+    for name, r in rows.items():
+        print(f"{name:<40} {r['params']:>12,} {r['mb']:>10.0f} {r['sentences_per_s']:>11.0f} "
+              f"{r['ms_batch1']:>11.2f}")
+    student, teacher_row = rows["DistilRNN student (defaults)"], rows["GPT-2 LoRA teacher (gpt2 shape)"]
+    return {"bench": "predict", "device": device_name(device), "ours": student["sentences_per_s"],
+            "reference": teacher_row["sentences_per_s"],
+            "ratio": student["sentences_per_s"] / teacher_row["sentences_per_s"], "models": rows}
+
+
+BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil, "rnn": bench_rnn, "predict": bench_predict}
 
 
 def main():
@@ -247,6 +357,7 @@ def main():
     p.add_argument("--data-dir", default=DEFAULT_COLA, help="real CoLA (lora, distil)")
     p.add_argument("--max-steps", type=int, default=None, help="lora: time only this many batches of the epoch")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
     args = p.parse_args()
     sys.path.insert(0, HERE)
     result = BENCHES[args.bench](args)
