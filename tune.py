@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from utils import UserError, info
+from utils import DirectoryLocked, UserError, info
 
 TUNE_COLUMNS = ("settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir", "fixed")
 
@@ -43,10 +43,11 @@ def run_tune(args, argv, parser, runner, run_control):
     fixed = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in varied and k not in run_control},
                        sort_keys=True)
     table = os.path.join(args.tuning_dir, f"{args.mode}.tsv")
-    done = {(row["settings"], row["fixed"]) for row in read_table(table)} if os.path.isfile(table) else set()
     base_argv = drop_flag(argv, "--tune")
     for values in itertools.product(*[v for _, v, _ in grid]):
         settings = " ".join(f"{name}={value}" for (name, _, _), value in zip(grid, values))
+        # read before every run: another process may share the sweep (rows it finished are skipped here)
+        done = {(row["settings"], row["fixed"]) for row in read_table(table)} if os.path.isfile(table) else set()
         if (settings, fixed) in done:
             info(f"tune: {settings} already in {table}, skipped")
             continue
@@ -62,7 +63,11 @@ def run_tune(args, argv, parser, runner, run_control):
         out_dir = os.path.join(args.out_dir, settings.replace(" ", "_").replace("=", "-"))
         run_args = parser.parse_args(drop_flag(run_argv, "--out-dir") + ["--out-dir", out_dir])
         info(f"tune: {settings} -> {out_dir}")
-        runner(run_args)
+        try:
+            runner(run_args)
+        except DirectoryLocked:
+            info(f"tune: {settings} is running in another process, skipped")
+            continue
         metrics = read_metrics(out_dir)
         best = best_record(metrics)
         append_tsv_row(table, {"settings": settings, "best_epoch": metrics["best_epoch"],

@@ -69,6 +69,10 @@ def barrier():
         dist.barrier()
 
 
+class DirectoryLocked(UserError):
+    """Another process holds the run directory's lock."""
+
+
 class lock_dir:
     """Hold an exclusive lock on directory/.lock while a run writes there: a second
     run started in the same directory is refused at once instead of interleaving
@@ -86,7 +90,7 @@ class lock_dir:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.close()
-            raise UserError(f"another run is writing to {self.directory} (it holds {self.directory}/.lock); "
+            raise DirectoryLocked(f"another run is writing to {self.directory} (it holds {self.directory}/.lock); "
                             "wait for it to finish or pass another --out-dir") from None
         return self
 

@@ -140,3 +140,20 @@ def test_seed_sweeps_of_rnn_and_distil_alpha_zero_compare_equal(tmp_path_factory
     code, out, err = cli(capsys, "tune-report", tmp_path / "tuning" / "rnn.tsv", "--plots-dir", tmp_path / "p")
     assert code == 0, err
     assert out.strip().splitlines()[1].split()[:2] == ["(defaults)", "2"]
+
+
+def test_two_processes_share_a_sweep(tmp_path_factory, tmp_path, capsys):
+    """A sweep skips the settings another process has finished or is running (it holds
+    that run's directory), so two sweeps of one grid divide the work."""
+    from utils import lock_dir
+    data = subset_dir(tmp_path_factory)
+    sweep = ["rnn", *STUDENT, "--epochs", "1", "--data-dir", data, "--tuning-dir", tmp_path / "tuning",
+             "--out-dir", tmp_path / "sweep", *common(tmp_path)]
+    code, _, err = cli(capsys, *sweep, "--tune", "seed=1")  # finished by "another process"
+    assert code == 0, err
+    with lock_dir(str(tmp_path / "sweep" / "seed-2")):  # running in another process
+        code, _, err = cli(capsys, *sweep, "--tune", "seed=0,1,2")
+    assert code == 0, err
+    assert "seed=1 already in" in err and "seed=2 is running in another process, skipped" in err
+    with open(tmp_path / "tuning" / "rnn.tsv") as f:
+        assert [line.split("\t")[0] for line in f][1:] == ["seed=1", "seed=0"]
