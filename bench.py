@@ -214,11 +214,29 @@ def bench_lora(args):
 # distil
 # ---------------------------------------------------------------------------
 
+def rnn_epoch_seconds(train_set, batch_size, device, loss_fn=None, fused=True):
+    """Seconds of one training epoch of the default DistilRNN, the same batches every
+    call; fused=False swaps in torch's default (unfused) AdamW step."""
+    from model import DistilRNN, RNNConfig
+    from train_utils import TrainConfig, cross_entropy_loss, make_scheduler, make_training, train_epoch
+    torch.manual_seed(0)
+    student = DistilRNN(RNNConfig()).to(device)
+    cfg = TrainConfig(epochs=1, batch_size=batch_size)
+    batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    params, optimizer, scheduler = make_training(student, cfg, len(batches))
+    if not fused:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, len(batches), cfg.warmup_ratio)
+    start = time.perf_counter()
+    train_epoch(student, batches, optimizer, scheduler, params, device, loss_fn or cross_entropy_loss)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def bench_distil(args):
     """Seconds per distil epoch (teacher logits already computed) over seconds per
     rnn epoch: the same student, data, batches and batch size."""
-    from model import DistilRNN, RNNConfig
-    from train_utils import TrainConfig, cross_entropy_loss, distillation_loss, make_training, train_epoch
+    from train_utils import cross_entropy_loss, distillation_loss
     device = torch.device(args.device)
     batch_size = args.batch_size or 128
     train_set, _ = cola_train(args)
@@ -229,15 +247,7 @@ def bench_distil(args):
         return distillation_loss(logits, teacher_logits[batch.rows.to(device)], batch.labels, 0.5, 2.0)
 
     def epoch_seconds(loss_fn):
-        torch.manual_seed(0)
-        student = DistilRNN(RNNConfig()).to(device)
-        cfg = TrainConfig(epochs=1, batch_size=batch_size)
-        batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-        params, optimizer, scheduler = make_training(student, cfg, len(batches))
-        start = time.perf_counter()
-        train_epoch(student, batches, optimizer, scheduler, params, device, loss_fn)
-        sync(device)
-        return time.perf_counter() - start
+        return rnn_epoch_seconds(train_set, batch_size, device, loss_fn)
 
     epoch_seconds(cross_entropy_loss)  # warm-up
     t_rnn, t_distil = [], []
@@ -260,25 +270,12 @@ def bench_rnn(args):
     """Seconds per rnn epoch (defaults: 2-layer ReLU RNN, 768 wide, batch 128) with the
     fused Adam(W) step train_utils uses, against the same epoch with torch's default
     (unfused) AdamW step, the code before it; same batches, same model."""
-    from model import DistilRNN, RNNConfig
-    from train_utils import TrainConfig, make_scheduler, make_training, train_epoch
     device = torch.device(args.device)
     batch_size = args.batch_size or 128
     train_set, _ = cola_train(args)
 
     def epoch_seconds(fused):
-        torch.manual_seed(0)
-        student = DistilRNN(RNNConfig()).to(device)
-        cfg = TrainConfig(epochs=1, batch_size=batch_size)
-        batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-        params, optimizer, scheduler = make_training(student, cfg, len(batches))
-        if not fused:
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            scheduler = make_scheduler(optimizer, len(batches), cfg.warmup_ratio)
-        start = time.perf_counter()
-        train_epoch(student, batches, optimizer, scheduler, params, device)
-        sync(device)
-        return time.perf_counter() - start
+        return rnn_epoch_seconds(train_set, batch_size, device, fused=fused)
 
     epoch_seconds(True)  # warm-up
     ours, plain = [], []
@@ -330,7 +327,6 @@ def bench_predict(args):
             save_tensors(path, model.state_dict())
             rows[name] = {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
                           "params": sum(p.numel() for p in model.parameters()), "mb": os.path.getsize(path) / 2 ** 20}
-            del model
     print(f"device: {device_name(device)}")
     print(f"{len(split)} CoLA in-domain dev sentences; batch 64 length-sorted; batch 1 over the first "
           f"{len(single)}; float32; best of {args.repeats}")

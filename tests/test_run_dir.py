@@ -3,8 +3,6 @@ finished, and never a finished run replaced or two runs interleaved by accident.
 import json
 import os
 
-import pytest
-
 import train_utils
 from cola import STUDENT, assert_error, cli, subset_dir
 from utils import lock_dir
