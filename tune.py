@@ -235,6 +235,10 @@ def runs_by_seed(path):
                         "(--tune \"seed=0,1,2,3,4\")")
     out = {}
     for m in metrics:
+        if len(m.get("epochs") or []) < m["args"].get("epochs", 0):  # still running, or stopped early
+            info(f"compare: {path}: seed {m['args']['seed']} has {len(m.get('epochs') or [])} of "
+                 f"{m['args']['epochs']} epochs, left out until it finishes")
+            continue
         out[m["args"]["seed"]] = m
     return out
 

@@ -18,9 +18,9 @@ ACC_B = [0.70, 0.71, 0.69, 0.72, 0.70]
 
 
 def write_run(path, seed, mcc, acc, mode="rnn", teacher_mcc=None, lr=1e-3):
-    """A metrics.json whose best epoch (2) holds mcc and acc; epoch 1 is worse."""
+    """A metrics.json of 2 epochs whose best epoch (2) holds mcc and acc; epoch 1 is worse."""
     os.makedirs(path, exist_ok=True)
-    metrics = {"mode": mode, "args": {"seed": seed, "lr": lr, "out_dir": str(path)}, "best_epoch": 2,
+    metrics = {"mode": mode, "args": {"seed": seed, "lr": lr, "epochs": 2, "out_dir": str(path)}, "best_epoch": 2,
                "epochs": [{"epoch": 1, "val_mcc": mcc - 0.05, "val_acc": acc - 0.01},
                           {"epoch": 2, "val_mcc": mcc, "val_acc": acc}]}
     if teacher_mcc is not None:
@@ -67,6 +67,18 @@ def test_compare_two_seed_sweeps(tmp_path, capsys):
     assert f"A {mean_a / 0.3:.0%}" in share_line and f"B {mean_b / 0.3:.0%}" in share_line
     with open(tmp_path / "plots" / "compare_rnn_vs_distil.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_compare_leaves_out_unfinished_runs(tmp_path, capsys):
+    a = sweep(tmp_path, "a", MCC_A, ACC_A)
+    b = sweep(tmp_path, "b", MCC_B, ACC_B)
+    path = tmp_path / "b" / "seed-4" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["epochs"], metrics["best_epoch"] = metrics["epochs"][:1], 1  # a run still in its first epoch
+    path.write_text(json.dumps(metrics))
+    code, out, err = cli(capsys, "compare", a, b, "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    assert "4 paired seed(s)" in out and "seed 4 has 1 of 2 epochs, left out" in err
 
 
 def test_compare_pairs_only_shared_seeds_and_single_runs(tmp_path, capsys):
