@@ -822,9 +822,11 @@ def load_teacher(directory, weights=None):
 
 def teacher_cache_dir(teacher_dir):
     """Where a teacher's logits are cached: next to it, or in the user's cache when
-    its directory is read-only (a shared teacher)."""
+    its directory is read-only (a shared teacher). The mode bits decide, not
+    os.access, which says yes to root whatever the bits."""
+    import stat
     own = os.path.join(teacher_dir, "teacher_logits")
-    if os.access(teacher_dir, os.W_OK):
+    if os.access(teacher_dir, os.W_OK) and os.stat(teacher_dir).st_mode & stat.S_IWUSR:
         return own
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     name = hashlib.sha256(os.path.realpath(teacher_dir).encode()).hexdigest()[:16]

@@ -179,3 +179,21 @@ def test_bad_augment_and_student_flags(tmp_path, capsys, flags, fragment):
                          *common(tmp_path), *flags)
     assert_error(code, out, err, fragment)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_read_only_teacher_caches_in_the_users_cache(tiny_bert, tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """A shared teacher's directory is never written to, even by root (whom os.access
+    lets write anywhere): its logits go to XDG_CACHE_HOME/gpt2-lora-distil/."""
+    teacher = teacher_copy(tiny_bert, tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    os.chmod(teacher, 0o555)
+    try:
+        code, _, err = cli(capsys, "distil", *STUDENT, "--epochs", "1", "--data-dir", subset_dir(tmp_path_factory),
+                           "--teacher", teacher, "--augment", "0", "--out-dir", tmp_path / "distil",
+                           *common(tmp_path))
+    finally:
+        os.chmod(teacher, 0o755)
+    assert code == 0, err
+    assert sorted(os.listdir(teacher)) == sorted(os.listdir(tiny_bert))  # nothing added
+    (cache,) = os.listdir(tmp_path / "xdg" / "gpt2-lora-distil" / "teacher_logits")
+    assert len(os.listdir(tmp_path / "xdg" / "gpt2-lora-distil" / "teacher_logits" / cache)) == 2
