@@ -159,6 +159,18 @@ def without_seed(settings, fixed):
     return kept or "(defaults)", fixed
 
 
+def distinct_labels(keys):
+    """{(settings, fixed): label}: the settings, and where several groups share them,
+    the fixed settings in which they differ (e.g. "(defaults) augment=0")."""
+    labels = {}
+    for settings, fixed in keys:
+        twins = [json.loads(f) if f else {} for s, f in keys if s == settings]
+        mine = json.loads(fixed) if fixed else {}
+        differing = sorted(k for k in set().union(*twins) if len({json.dumps(t.get(k)) for t in twins}) > 1)
+        labels[(settings, fixed)] = " ".join([settings] + [f"{k}={mine.get(k)}" for k in differing])
+    return labels
+
+
 def run_tune_report(args):
     """The table of a sweep, rows that differ only in the seed grouped into one line
     with n and mean +- std, best mean validation MCC first; and its plot."""
@@ -173,8 +185,10 @@ def run_tune_report(args):
         except (TypeError, ValueError):
             raise UserError(f"{args.table}:{line}: val_mcc / val_acc is not a number") from None
         groups.setdefault(without_seed(row["settings"], row.get("fixed")), []).append((mcc, acc))
+    labels = distinct_labels(list(groups))
     summary = []
-    for (settings, _), values in groups.items():
+    for key, values in groups.items():
+        settings = labels[key]
         mcc_mean, mcc_std = mean_std([m for m, _ in values])
         acc_mean, acc_std = mean_std([a for _, a in values])
         summary.append({"settings": settings, "n": len(values), "val_mcc": mcc_mean, "val_mcc_std": mcc_std,

@@ -121,11 +121,12 @@ def test_tune_report_groups_seeds(tmp_path, capsys):
     code, out, err = cli(capsys, "tune-report", table, "--plots-dir", tmp_path / "plots")
     assert code == 0, err
     lines = out.strip().splitlines()[1:]
-    assert [line.split()[0] for line in lines] == ["lr=1e-3", "lr=3e-4", "lr=1e-3"]  # by mean MCC
+    # by mean MCC; the two lr=1e-3 groups told apart by the fixed setting they differ in
+    assert [line.split()[:2] for line in lines] == [["lr=1e-3", "epochs=1"], ["lr=3e-4", "2"], ["lr=1e-3", "epochs=5"]]
     first = lines[0].split()
-    assert first[1] == "1" and float(first[2]) == 0.5
+    assert first[2] == "1" and float(first[3]) == 0.5
     for line, settings in zip(lines[1:], ("lr=3e-4", "lr=1e-3")):
-        n, mcc, _, mcc_sd, acc, _, acc_sd = line.split()[1:]
+        n, mcc, _, mcc_sd, acc, _, acc_sd = line.split()[-7:]
         mccs, accs = [m for m, _ in values[settings]], [a for _, a in values[settings]]
         assert int(n) == len(mccs)
         assert float(mcc) == pytest.approx(statistics.mean(mccs), abs=1e-4)
