@@ -235,6 +235,17 @@ def bench_lora(args):
 # distil
 # ---------------------------------------------------------------------------
 
+def interleaved_best(repeats, time_a, time_b):
+    """Fastest of repeats timings of each (after a warm-up), taken in turns so that
+    drifting machine load hits both alike."""
+    time_a()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(time_a())
+        b.append(time_b())
+    return min(a), min(b)
+
+
 def rnn_epoch_seconds(train_set, batch_size, device, loss_fn=None, fused=True):
     """Seconds of one training epoch of the default DistilRNN, the same batches every
     call; fused=False swaps in torch's default (unfused) AdamW step."""
@@ -270,17 +281,14 @@ def bench_distil(args):
     def epoch_seconds(loss_fn):
         return rnn_epoch_seconds(train_set, batch_size, device, loss_fn)
 
-    epoch_seconds(cross_entropy_loss)  # warm-up
-    t_rnn, t_distil = [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-        t_rnn.append(epoch_seconds(cross_entropy_loss))
-        t_distil.append(epoch_seconds(kd_loss))
+    t_rnn, t_distil = interleaved_best(args.repeats, lambda: epoch_seconds(cross_entropy_loss),
+                                       lambda: epoch_seconds(kd_loss))
     print(f"device: {device_name(device)}")
     print(f"DistilRNN defaults, batch {batch_size}, one CoLA epoch, best of {args.repeats}")
-    print(f"rnn epoch:    {min(t_rnn):.2f} s")
-    print(f"distil epoch: {min(t_distil):.2f} s (teacher logits cached)")
-    return {"bench": "distil", "device": device_name(device), "ours": min(t_distil), "reference": min(t_rnn),
-            "ratio": min(t_distil) / min(t_rnn)}
+    print(f"rnn epoch:    {t_rnn:.2f} s")
+    print(f"distil epoch: {t_distil:.2f} s (teacher logits cached)")
+    return {"bench": "distil", "device": device_name(device), "ours": t_distil, "reference": t_rnn,
+            "ratio": t_distil / t_rnn}
 
 
 # ---------------------------------------------------------------------------
@@ -298,17 +306,12 @@ def bench_rnn(args):
     def epoch_seconds(fused):
         return rnn_epoch_seconds(train_set, batch_size, device, fused=fused)
 
-    epoch_seconds(True)  # warm-up
-    ours, plain = [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-        ours.append(epoch_seconds(True))
-        plain.append(epoch_seconds(False))
+    ours, plain = interleaved_best(args.repeats, lambda: epoch_seconds(True), lambda: epoch_seconds(False))
     print(f"device: {device_name(device)}")
     print(f"DistilRNN defaults, batch {batch_size}, one CoLA epoch, best of {args.repeats}")
-    print(f"unfused AdamW step (before): {min(plain):.2f} s")
-    print(f"ours (fused Adam(W) step):   {min(ours):.2f} s")
-    return {"bench": "rnn", "device": device_name(device), "ours": min(ours), "reference": min(plain),
-            "ratio": min(plain) / min(ours)}
+    print(f"unfused AdamW step (before): {plain:.2f} s")
+    print(f"ours (fused Adam(W) step):   {ours:.2f} s")
+    return {"bench": "rnn", "device": device_name(device), "ours": ours, "reference": plain, "ratio": plain / ours}
 
 
 # ---------------------------------------------------------------------------
