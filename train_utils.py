@@ -1071,5 +1071,5 @@ def plot_rnn_vs_distil(args):
         except (OSError, ValueError, KeyError):
             return
     path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
-    plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from GPT-2 (distil)")
+    plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from its teacher (distil)")
     info(f"wrote {path}")
