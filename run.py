@@ -1,7 +1,8 @@
-"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval ...
+"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval|tune-report|compare ...
 
-Parses and validates arguments, calls into model.py / train_utils.py / utils.py,
-and turns every known problem into a one-line error (exit status 2).
+Parses, validates every flag once, dispatches to train_utils.py (training modes),
+tune.py (sweeps and comparisons) and model.py (gen), and turns every known problem
+into a one-line error (exit status 2).
 """
 import argparse
 import codecs
@@ -10,9 +11,10 @@ import sys
 from contextlib import nullcontext
 
 from model import LORA_TARGETS, PRESETS, WeightsError
+import train_utils
 from train_utils import RUN_CONTROL, CheckpointError, Interrupted
 import tune
-from utils import DEFAULT_DATA_DIR, EOT_TOKEN, HUB_IDS, UserError, info
+from utils import DEFAULT_DATA_DIR, EOT_TOKEN, UserError, info
 
 # The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
 EMBD_DROPOUT = 0.0
@@ -262,28 +264,13 @@ def validate_gen(args):
         raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - and text on stdin)")
 
 
-def load_gpt(args, device="cpu"):
-    from model import GPT
-    from utils import gpt2_directory
-    if args.weights:
-        source = args.weights
-        if not os.path.isdir(source):
-            raise UserError(f"--weights {source}: no such directory (expected config.json + model.safetensors)")
-    else:
-        if args.gpt_variant not in PRESETS:
-            raise UserError(f"unknown --gpt-variant {args.gpt_variant!r}; choose from {', '.join(PRESETS)}")
-        source = args.gpt_variant
-    info(f"loading GPT-2 weights from {source}")
-    return GPT.from_pretrained(gpt2_directory(source)).to(device)
-
-
 def run_gen(args):
     import torch
     from utils import encode, resolve_device, seed_everything
     validate_gen(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model = load_gpt(args, device)
+    model = train_utils.load_gpt(args, device)
     prompt_ids = encode(args.prompt)
     if len(prompt_ids) > model.config.block_size:
         info(f"note: the prompt has {len(prompt_ids)} tokens; only its last {model.config.block_size} are used")
@@ -353,13 +340,6 @@ def validate_training(args):
         validate_distil(args)
 
 
-def load_data(args, block_size=1024):
-    from utils import TokenizedSplit, load_cola
-    train, val = load_cola(args.data_dir, args.val_split)
-    info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
-    return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
-
-
 def run_training(args):
     """A training mode: check every flag, claim and lock --out-dir, then run."""
     from utils import is_main_process, lock_dir
@@ -372,15 +352,6 @@ def run_training(args):
     with lock_dir(args.out_dir):
         claim_out_dir(args)
         return RUNNERS[args.mode](args)
-
-
-def prepare(args):
-    """Pick the device (joining torchrun's process group if there is one) and seed
-    everything from --seed."""
-    from utils import init_distributed, resolve_device, seed_everything, world
-    device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
-    seed_everything(args.seed)
-    return device
 
 
 def validate_lora(args):
@@ -396,24 +367,6 @@ def validate_lora(args):
         raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
 
 
-def run_lora(args):
-    from model import GPTClassifier, add_lora
-    from train_utils import run_record, set_trainable, train_run
-    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    device = prepare(args)
-    gpt = load_gpt(args, device="cpu")
-    data = load_data(args, gpt.config.block_size)
-    add_lora(gpt, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    classifier = GPTClassifier(gpt)
-    set_trainable(classifier, args.train_layernorm)
-    classifier.to(device)
-    base = os.path.abspath(args.weights) if args.weights else HUB_IDS[args.gpt_variant]
-    record = run_record(args, classifier, device, data)
-    record["lora"] = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
-                          train_layernorm=args.train_layernorm, base=base)
-    train_run(args, classifier, device, data, record)
-
-
 def validate_student(args):
     for flag, value in (("--rnn-layers", args.rnn_layers), ("--rnn-hidden", args.rnn_hidden),
                         ("--rnn-embd", args.rnn_embd)):
@@ -425,46 +378,6 @@ def validate_student(args):
             raise UserError(f"{flag} must be in [0, 1), got {value}")
     if args.embd_weight_decay is not None and args.embd_weight_decay < 0:
         raise UserError(f"--embd-weight-decay must be >= 0, got {args.embd_weight_decay}")
-
-
-def build_student(args, gpt=None):
-    """A fresh DistilRNN, its embeddings optionally initialised from GPT-2's."""
-    from model import DistilRNN, RNNConfig
-    from utils import VOCAB_SIZE
-    student = DistilRNN(RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type,
-                                  n_layers=args.rnn_layers, hidden=args.rnn_hidden,
-                                  bidirectional=args.bidirectional, dropout=args.rnn_dropout,
-                                  embd_dropout=args.embd_dropout, head_dropout=args.head_dropout))
-    if gpt is not None:
-        if args.rnn_embd > gpt.config.n_embd:
-            raise UserError(f"--rnn-embd {args.rnn_embd} exceeds GPT-2's embedding size "
-                            f"{gpt.config.n_embd}; --init-embeddings gpt2 can only shrink it")
-        student.init_embeddings(gpt.transformer.wte.weight.detach().t())
-    return student
-
-
-def run_rnn(args):
-    """rnn: the DistilRNN trained on the labels alone, the baseline of distil."""
-    device = prepare(args)
-    data = load_data(args)
-    train_student(args, device, data)
-
-
-def train_student(args, device, data, loss_fn=None, record_extra=None, teacher_val_predictions=None):
-    """Build the DistilRNN (seeded right before, so rnn and distil start from the same
-    weights and see the same batches whatever the teacher did with the RNG), train it
-    and save the best epoch's student."""
-    from train_utils import plot_rnn_vs_distil, run_record, train_run
-    from utils import is_main_process, seed_everything
-    gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
-    seed_everything(args.seed)
-    student = build_student(args, gpt=gpt).to(device)
-    del gpt
-    record = run_record(args, student, device, data)
-    record.update(record_extra or {})
-    record = train_run(args, student, device, data, record, loss_fn, teacher_val_predictions)
-    if is_main_process() and len(record["epochs"]) == args.epochs:
-        plot_rnn_vs_distil(args)
 
 
 def validate_distil(args):
@@ -490,35 +403,6 @@ def validate_distil(args):
     if args.augment and args.kd_alpha == 0:
         raise UserError("--augment with --kd-alpha 0: synthetic sentences have no gold label, so they would teach "
                         "nothing; raise --kd-alpha or pass --augment 0")
-
-
-def augment_config(args):
-    from utils import AugmentConfig
-    return AugmentConfig(copies=args.augment, mask_prob=args.mask_prob, swap_prob=args.swap_prob,
-                         ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
-
-
-def run_distil(args):
-    """distil: the DistilRNN trained on the teacher's logits (and the labels), over
-    the training sentences and, with --augment N, N synthetic sentences each."""
-    from train_utils import DistilLoss, load_teacher, teacher_from_file, teacher_targets
-    if args.teacher_logits is None and args.teacher is None:
-        args.teacher = "runs/LoRA"
-    # the teacher before the data: a missing teacher is the quicker mistake to report
-    teacher = None if args.teacher_logits else load_teacher(args.teacher, args.weights)
-    device = prepare(args)
-    train_set, val_set = load_data(args)
-    if teacher is None:
-        targets = teacher_from_file(args.teacher_logits, train_set)
-    else:
-        targets = teacher_targets(teacher, train_set, val_set, device, augment_config(args), args.teacher_cache)
-    loss_fn = DistilLoss(targets.logits.to(device), args.kd_alpha, args.kd_temperature, args.kd_loss)
-    extra = {"teacher": targets.record,
-             "distillation": {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "loss": args.kd_loss,
-                              "augment": args.augment, "mask_prob": args.mask_prob, "swap_prob": args.swap_prob,
-                              "ngram_prob": args.ngram_prob, "max_ngram": args.max_ngram,
-                              "transfer_sentences": len(targets.transfer)}}
-    train_student(args, device, (targets.transfer, val_set), loss_fn, extra, targets.val_predictions)
 
 
 # ---------------------------------------------------------------------------
@@ -577,7 +461,8 @@ def run_eval(args):
     info(f"wrote {output}")
 
 
-RUNNERS = {"gen": run_gen, "LoRA": run_lora, "rnn": run_rnn, "distil": run_distil,
+RUNNERS = {"gen": run_gen, "LoRA": lambda args: train_utils.train_lora(args),
+           "rnn": lambda args: train_utils.train_rnn(args), "distil": lambda args: train_utils.train_distil(args),
            "predict": run_predict, "eval": run_eval, "tune-report": lambda args: tune.run_tune_report(args),
            "compare": lambda args: tune.run_compare(args)}
 TRAINING_MODES = ("LoRA", "rnn", "distil")

@@ -1,6 +1,8 @@
-"""One training loop and one evaluation loop for LoRA, rnn and distil (the modes
-differ in their loss and trainable parameters only), plus metrics, the
-distillation loss, plots and atomic checkpoint files."""
+"""Training, read top-down: metrics, losses, one training loop and one evaluation
+loop for LoRA, rnn and distil (the modes differ in their loss and trainable
+parameters only), resumable state, files and plots, checkpoints, the teachers and
+their logits cache, a run's directory and metrics.json, and at the end the three
+training modes themselves, each a straight line of named steps."""
 import hashlib
 import json
 import math
@@ -1073,3 +1075,123 @@ def plot_rnn_vs_distil(args):
     path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
     plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from its teacher (distil)")
     info(f"wrote {path}")
+
+# ---------------------------------------------------------------------------
+# The training modes: LoRA, rnn, distil (their flags checked by run.py)
+# ---------------------------------------------------------------------------
+
+def prepare(args):
+    """Pick the device (joining torchrun's process group if there is one) and seed
+    everything from --seed."""
+    from utils import init_distributed, resolve_device, seed_everything, world
+    device = init_distributed(args.device) if world()[1] > 1 else resolve_device(args.device)
+    seed_everything(args.seed)
+    return device
+
+
+def load_data(args, block_size=1024):
+    from utils import TokenizedSplit, load_cola
+    train, val = load_cola(args.data_dir, args.val_split)
+    info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
+    return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
+
+
+def load_gpt(args, device="cpu"):
+    from model import GPT, PRESETS
+    from utils import UserError, gpt2_directory
+    if args.weights:
+        source = args.weights
+        if not os.path.isdir(source):
+            raise UserError(f"--weights {source}: no such directory (expected config.json + model.safetensors)")
+    else:
+        if args.gpt_variant not in PRESETS:
+            raise UserError(f"unknown --gpt-variant {args.gpt_variant!r}; choose from {', '.join(PRESETS)}")
+        source = args.gpt_variant
+    info(f"loading GPT-2 weights from {source}")
+    return GPT.from_pretrained(gpt2_directory(source)).to(device)
+
+
+def train_lora(args):
+    """LoRA: GPT-2 frozen, adapters and a head trained on CoLA's labels."""
+    from model import GPTClassifier, add_lora
+    from utils import HUB_IDS
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    device = prepare(args)
+    gpt = load_gpt(args, device="cpu")
+    data = load_data(args, gpt.config.block_size)
+    add_lora(gpt, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    classifier = GPTClassifier(gpt)
+    set_trainable(classifier, args.train_layernorm)
+    classifier.to(device)
+    base = os.path.abspath(args.weights) if args.weights else HUB_IDS[args.gpt_variant]
+    record = run_record(args, classifier, device, data)
+    record["lora"] = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                          train_layernorm=args.train_layernorm, base=base)
+    train_run(args, classifier, device, data, record)
+
+
+def build_student(args, gpt=None):
+    """A fresh DistilRNN, its embeddings optionally initialised from GPT-2's."""
+    from model import DistilRNN, RNNConfig
+    from utils import VOCAB_SIZE, UserError
+    student = DistilRNN(RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type,
+                                  n_layers=args.rnn_layers, hidden=args.rnn_hidden,
+                                  bidirectional=args.bidirectional, dropout=args.rnn_dropout,
+                                  embd_dropout=args.embd_dropout, head_dropout=args.head_dropout))
+    if gpt is not None:
+        if args.rnn_embd > gpt.config.n_embd:
+            raise UserError(f"--rnn-embd {args.rnn_embd} exceeds GPT-2's embedding size "
+                            f"{gpt.config.n_embd}; --init-embeddings gpt2 can only shrink it")
+        student.init_embeddings(gpt.transformer.wte.weight.detach().t())
+    return student
+
+
+def train_rnn(args):
+    """rnn: the DistilRNN trained on the labels alone, the baseline of distil."""
+    device = prepare(args)
+    data = load_data(args)
+    train_student(args, device, data)
+
+
+def train_student(args, device, data, loss_fn=None, record_extra=None, teacher_val_predictions=None):
+    """Build the DistilRNN (seeded right before, so rnn and distil start from the same
+    weights and see the same batches whatever the teacher did with the RNG), train it
+    and save the best epoch's student."""
+    from utils import is_main_process, seed_everything
+    gpt = load_gpt(args, device="cpu") if args.init_embeddings == "gpt2" else None
+    seed_everything(args.seed)
+    student = build_student(args, gpt=gpt).to(device)
+    del gpt
+    record = run_record(args, student, device, data)
+    record.update(record_extra or {})
+    record = train_run(args, student, device, data, record, loss_fn, teacher_val_predictions)
+    if is_main_process() and len(record["epochs"]) == args.epochs:
+        plot_rnn_vs_distil(args)
+
+
+def augment_config(args):
+    from utils import AugmentConfig
+    return AugmentConfig(copies=args.augment, mask_prob=args.mask_prob, swap_prob=args.swap_prob,
+                         ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
+
+
+def train_distil(args):
+    """distil: the DistilRNN trained on the teacher's logits (and the labels), over
+    the training sentences and, with --augment N, N synthetic sentences each."""
+    if args.teacher_logits is None and args.teacher is None:
+        args.teacher = "runs/LoRA"
+    # the teacher before the data: a missing teacher is the quicker mistake to report
+    teacher = None if args.teacher_logits else load_teacher(args.teacher, args.weights)
+    device = prepare(args)
+    train_set, val_set = load_data(args)
+    if teacher is None:
+        targets = teacher_from_file(args.teacher_logits, train_set)
+    else:
+        targets = teacher_targets(teacher, train_set, val_set, device, augment_config(args), args.teacher_cache)
+    loss_fn = DistilLoss(targets.logits.to(device), args.kd_alpha, args.kd_temperature, args.kd_loss)
+    extra = {"teacher": targets.record,
+             "distillation": {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "loss": args.kd_loss,
+                              "augment": args.augment, "mask_prob": args.mask_prob, "swap_prob": args.swap_prob,
+                              "ngram_prob": args.ngram_prob, "max_ngram": args.max_ngram,
+                              "transfer_sentences": len(targets.transfer)}}
+    train_student(args, device, (targets.transfer, val_set), loss_fn, extra, targets.val_predictions)

@@ -85,7 +85,7 @@ def test_synthetic_rows_never_enter_the_cross_entropy():
                                                     - F.log_softmax(student / temperature, -1))).sum(-1)
     hard = -F.log_softmax(student, -1)[[0, 2], labels[[0, 2]]]
     by_hand = (alpha * temperature ** 2 * soft.sum() + (1 - alpha) * hard.sum()) / 4
-    assert float(loss.detach()) == pytest.approx(float(by_hand), abs=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(by_hand.detach()), abs=1e-12)
     loss.backward()
     # a synthetic row's gradient is the teacher term's alone, whatever label it might have had
     soft_grad = alpha * temperature * (F.softmax(student.detach() / temperature, -1)
