@@ -466,3 +466,17 @@ def test_fused_optimizer_step_equals_the_plain_one():
         for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
         assert (fast.embedding.weight - initial).abs().max() > 1e-3  # it did train
+
+
+def test_predict_names_a_file_checkpoint_and_says_it_reads_a_terminal(tmp_path, capsys, monkeypatch):
+    (tmp_path / "metrics.json").write_text("{}")
+    code, out, err = cli(capsys, "predict", "--checkpoint", tmp_path / "metrics.json", "A sentence.")
+    assert_error(code, out, err, "metrics.json is a file", "run's directory")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    code, out, err = cli(capsys, "predict", "--checkpoint", tmp_path)
+    assert "reading sentences from stdin" in err.splitlines()[0]
+    assert_error(code, out, err, "no sentences given", only_line=False)
