@@ -126,8 +126,10 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         if cache is not None and T == 1:
-            # One new token against the cache: two small matmuls, with no kernel dispatch
-            # or mask logic; measured by bench.py gen against SDPA (see README).
+            # One new token against the cache: two small matmuls. SDPA's threaded CPU
+            # kernel took milliseconds per call on these strided cache slices when other
+            # processes loaded the cores (microseconds here); on one idle thread the two
+            # are equal (~15-20 us).
             attention = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             y = attention.softmax(dim=-1) @ v
         else:

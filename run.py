@@ -8,7 +8,6 @@ import argparse
 import codecs
 import os
 import sys
-from contextlib import nullcontext
 
 from model import LORA_TARGETS, PRESETS, WeightsError
 import train_utils
@@ -280,9 +279,7 @@ def run_gen(args):
         model.forward = torch.compile(model.forward, dynamic=True)
     # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
     # numerics, so a greedy continuation can differ from float32's: --dtype float32.
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    with autocast:
+    with train_utils.autocast_for(device, args.dtype):
         run_stream(args, model, idx, generator)
 
 

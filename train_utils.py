@@ -91,11 +91,15 @@ class TrainConfig:
     embd_weight_decay: float = None  # adamw's weight decay on a student's token embedding; None: weight_decay
 
 
-def autocast_for(device, dtype="auto"):
-    """The one precision policy of training, eval, predict and the teacher: dtype
+def uses_bf16(device, dtype="auto"):
+    """The one precision policy of gen, training, eval, predict and the teacher: dtype
     "auto" is bf16 autocast on CUDA (same range as float32, no loss scaling needed)
     and float32 elsewhere; "float32" and "bfloat16" force one."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast_for(device, dtype="auto"):
+    if uses_bf16(device, dtype):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -687,7 +691,7 @@ def predict_logits(model, batches, device, dtype="auto"):
 
 def precision_of(device):
     """How a model's outputs are computed on device: part of every teacher cache key."""
-    return "bf16-autocast" if device.type == "cuda" else "float32"
+    return "bf16-autocast" if uses_bf16(device) else "float32"
 
 
 class LoRATeacher:
@@ -956,7 +960,6 @@ def run_record(args, model, device, data):
     import platform
     from importlib.metadata import version
 
-    import torch
     from utils import file_sha256s
     return {"mode": args.mode, "args": {k: v for k, v in vars(args).items() if k != "mode"},
             "params": {"total": sum(p.numel() for p in model.parameters()),
@@ -1046,13 +1049,13 @@ def claim_out_dir(args):
     if args.resume:
         if not os.path.isfile(os.path.join(out, "resume_state.pt")):
             raise CheckpointError(f"--resume: {out} has no resume_state.pt; nothing to resume "
-                            "(drop --resume to start anew)")
+                                  "(drop --resume to start anew)")
         return
     import shutil
     held = [name for name in ("metrics.json", "resume_state.pt") if os.path.exists(os.path.join(out, name))]
     if held and not args.overwrite:
         raise CheckpointError(f"--out-dir {out} already holds a run ({held[0]}); pass --resume to continue it, "
-                        "--overwrite to replace it, or another --out-dir")
+                              "--overwrite to replace it, or another --out-dir")
     for name in RUN_FILES if held else ():
         path = os.path.join(out, name)
         if os.path.isdir(path):
@@ -1075,6 +1078,7 @@ def plot_rnn_vs_distil(args):
     path = os.path.join(plots_dir(args), "rnn_vs_distil.png")
     plot_comparison(runs, path, "DistilRNN: labels only (rnn) vs distilled from its teacher (distil)")
     info(f"wrote {path}")
+
 
 # ---------------------------------------------------------------------------
 # The training modes: LoRA, rnn, distil (their flags checked by run.py)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 
-
 class UserError(Exception):
     """A problem the user can fix; run.py prints it as one line, without a traceback."""
 
@@ -91,7 +90,7 @@ class lock_dir:
         except OSError:
             self.file.close()
             raise DirectoryLocked(f"another run is writing to {self.directory} (it holds {self.directory}/.lock); "
-                            "wait for it to finish or pass another --out-dir") from None
+                                  "wait for it to finish or pass another --out-dir") from None
         return self
 
     def __exit__(self, *exc):
@@ -507,31 +506,28 @@ class WordSwapper:
 
     def __init__(self, sentences):
         from collections import Counter, defaultdict
-        self.slots = defaultdict(Counter)
+        slots = defaultdict(Counter)
         for sentence in sentences:
-            for key, word in self._slots_of([w for _, w in split_words(sentence)]):
-                self.slots[key][word.lower()] += 1
+            words = [w for _, w in split_words(sentence)]
+            for i, word in enumerate(words):
+                if word[0].isalnum():  # punctuation is never swapped
+                    for key in self._slots(words, i):
+                        slots[key][word.lower()] += 1
         # sorted once, so sampling depends on the seed only, not on dict order
-        self.choices = {key: (sorted(c), [c[w] for w in sorted(c)]) for key, c in self.slots.items()}
+        self.choices = {key: (sorted(c), [c[w] for w in sorted(c)]) for key, c in slots.items()}
 
     @staticmethod
-    def _slots_of(words):
-        """((kind, context), word) for every word (not punctuation) of a sentence."""
-        for i, word in enumerate(words):
-            if not word[0].isalnum():
-                continue
-            left = words[i - 1].lower() if i > 0 else "<s>"
-            right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
-            yield ("both", left, right), word
-            yield ("left", left), word
-            yield ("right", right), word
+    def _slots(words, i):
+        """The slots of words[i], most specific first: between its two neighbours,
+        after its left one, before its right one."""
+        left = words[i - 1].lower() if i > 0 else "<s>"
+        right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
+        return ("both", left, right), ("left", left), ("right", right)
 
     def swap(self, words, i, rng):
         """A word of the same kind as words[i] in its slot, or words[i] if none is known."""
         word = words[i]
-        left = words[i - 1].lower() if i > 0 else "<s>"
-        right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
-        for key in (("both", left, right), ("left", left), ("right", right)):
+        for key in self._slots(words, i):
             candidates, counts = self.choices.get(key, ((), ()))
             options = [(c, n) for c, n in zip(candidates, counts) if c != word.lower()]
             if options:
@@ -540,13 +536,13 @@ class WordSwapper:
         return word
 
 
-def augment(sentences, cfg: AugmentConfig, swapper=None):
+def augment(sentences, cfg: AugmentConfig):
     """cfg.copies synthetic sentences per sentence, all of one sentence's copies
     together, reproducible for cfg.seed: each word is masked with mask_prob, else
     swapped for a word of the same kind with swap_prob; then with ngram_prob only
     a random n-gram of 1 to max_ngram words is kept."""
     rng = random.Random(cfg.seed)
-    swapper = swapper or WordSwapper(sentences)
+    swapper = WordSwapper(sentences)
     out = []
     for sentence in sentences:
         pieces = split_words(sentence)
