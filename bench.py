@@ -150,6 +150,16 @@ def matvec_ceiling(model, steps, device, layout="in,out"):
 # lora
 # ---------------------------------------------------------------------------
 
+def gemm_rate(device, dtype):
+    """GFLOP/s of one product of a LoRA step's shape ((384 tokens x 768) @ (768 x 3072)):
+    what the hardware gives each precision, to read the bf16-over-float32 ratio by."""
+    a = torch.randn(384, 768, device=device, dtype=dtype)
+    w = torch.randn(768, 3072, device=device, dtype=dtype)
+    a @ w
+    repeats = 20
+    return repeats * 2 * 384 * 768 * 3072 / best_of(1, lambda: [a @ w for _ in range(repeats)], device) / 1e9
+
+
 def cola_train(args):
     from utils import TokenizedSplit, load_cola
     if not os.path.isfile(os.path.join(args.data_dir, "in_domain_train.tsv")) and \
@@ -168,7 +178,8 @@ def bench_lora(args):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from model import GPT, GPTConfig, GPTClassifier, LORA_TARGETS, add_lora
-    from train_utils import TrainConfig, autocast_for, make_training, set_trainable, train_epoch
+    from train_utils import (TrainConfig, autocast_for, make_training, set_trainable, store_frozen_in_bf16,
+                             train_epoch, uses_bf16)
     device = torch.device(args.device)
     batch_size = args.batch_size or 32
     train_set, _ = cola_train(args)
@@ -177,20 +188,30 @@ def bench_lora(args):
         steps = min(steps, args.max_steps)
     cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
 
-    # ours: length-grouped batches, no attention mask needed
-    torch.manual_seed(0)
-    classifier = GPTClassifier(add_lora(GPT(GPTConfig()), LORA_TARGETS, rank=4, alpha=8))
-    set_trainable(classifier)
-    classifier.to(device)
+    # ours: length-grouped batches, no attention mask needed; in float32, and in bf16
+    # (frozen base stored in bf16, autocast) as --dtype bfloat16 runs it
     generator = torch.Generator().manual_seed(0)
     ours_batches = train_set.batches(batch_size, shuffle=True, generator=generator)[:steps]
-    params, optimizer, scheduler = make_training(classifier, cfg, steps)
-    start = time.perf_counter()
-    train_epoch(classifier, ours_batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip)
-    sync(device)
-    t_ours = time.perf_counter() - start
     n_ours = sum(len(b.labels) for b in ours_batches)
-    del classifier, optimizer
+
+    def ours_seconds(dtype):
+        torch.manual_seed(0)
+        classifier = GPTClassifier(add_lora(GPT(GPTConfig()), LORA_TARGETS, rank=4, alpha=8))
+        set_trainable(classifier)
+        classifier.to(device)
+        if uses_bf16(device, dtype):
+            store_frozen_in_bf16(classifier)
+        params, optimizer, scheduler = make_training(classifier, cfg, steps)
+        sync(device)
+        start = time.perf_counter()
+        train_epoch(classifier, ours_batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip,
+                    dtype=dtype)
+        sync(device)
+        return time.perf_counter() - start
+
+    seconds = {dtype: ours_seconds(dtype) for dtype in ("float32", "bfloat16")}
+    auto = "bfloat16" if uses_bf16(device) else "float32"
+    t_ours = seconds[auto]
 
     # reference: transformers + peft, batched as its users do (random order, padded
     # per batch to the longest sentence, attention mask), same optimiser and clipping
@@ -226,9 +247,19 @@ def bench_lora(args):
     print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, gpt2 shape, batch {batch_size}, {len(ours_batches)} steps "
           f"({'full epoch' if len(ours_batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
     print(f"transformers + peft: {n_ref / t_ref:.1f} sentences/s ({tokens_ref} token slots incl. padding)")
-    print(f"ours:                {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. padding)")
+    print(f"ours (--dtype auto = {auto}): {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. "
+          f"padding)")
+    print(f"ours in float32: {n_ours / seconds['float32']:.1f} sentences/s, in bfloat16: "
+          f"{n_ours / seconds['bfloat16']:.1f} sentences/s, bf16 over float32: "
+          f"{seconds['float32'] / seconds['bfloat16']:.2f}")
+    fp32_rate, bf16_rate = gemm_rate(device, torch.float32), gemm_rate(device, torch.bfloat16)
+    print(f"bare matrix product of the step's shape: float32 {fp32_rate:.0f} GFLOP/s, bfloat16 {bf16_rate:.0f} "
+          f"GFLOP/s ({bf16_rate / fp32_rate:.2f}x)")
     return {"bench": "lora", "device": device_name(device), "ours": n_ours / t_ours, "reference": n_ref / t_ref,
-            "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(ours_batches)}
+            "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(ours_batches), "auto": auto,
+            "float32": n_ours / seconds["float32"], "bfloat16": n_ours / seconds["bfloat16"],
+            "bf16_over_float32": seconds["float32"] / seconds["bfloat16"], "gemm_float32": fp32_rate,
+            "gemm_bfloat16": bf16_rate}
 
 
 # ---------------------------------------------------------------------------

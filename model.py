@@ -68,6 +68,8 @@ class Linear(nn.Module):
     def forward(self, x):
         if self.bias is None:
             return x @ self.weight
+        if x.dim() == 2:  # decoding keeps the residual stream 2-D: one kernel, no reshapes
+            return torch.addmm(self.bias, x, self.weight)
         return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
 
 
@@ -91,12 +93,13 @@ class TiedEmbedding(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated once for the whole generation
-    so that decoding a token writes into place instead of concatenating."""
+    so that decoding a token writes into place instead of concatenating. One
+    tensor per layer, (2, B, n_head, max_len, head_size): keys and values are
+    written with one copy, and each is a plain batch of matrices for bmm."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        shape = (2, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.pos = 0  # number of positions already filled
 
@@ -110,33 +113,35 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cache=None, layer=0):
+        if x.dim() == 2:  # (B, C): one new token per sequence, against the cache
+            return self.c_proj(self.decode_one(self.c_attn(x), cache.kv[layer], cache.pos))
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        qkv = self.c_attn(x)
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         mask, causal = None, True
         if cache is not None:
             start = cache.pos
-            cache.keys[layer][:, :, start:start + T] = k
-            cache.values[layer][:, :, start:start + T] = v
-            k = cache.keys[layer][:, :, :start + T]
-            v = cache.values[layer][:, :, :start + T]
+            cache.kv[layer][:, :, :, start:start + T] = torch.stack((k, v))
+            k, v = cache.kv[layer][:, :, :, :start + T]
             if start > 0 and T > 1:  # a chunk after a cached prefix: causal within the chunk only
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if cache is not None and T == 1:
-            # One new token against the cache: two small matmuls. SDPA's threaded CPU
-            # kernel took milliseconds per call on these strided cache slices when other
-            # processes loaded the cores (microseconds here); on one idle thread the two
-            # are equal (~15-20 us).
-            attention = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            y = attention.softmax(dim=-1) @ v
-        else:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def decode_one(self, qkv, kv, pos):
+        """Attention of one new token per sequence against the cache, as few and as
+        small kernels as possible: in batch-1 decoding every op besides the weight
+        products is overhead on top of the memory-bound ones (bench.py gen)."""
+        B, nh = qkv.size(0), self.n_head
+        hs = qkv.size(1) // (3 * nh)
+        qkv = qkv.view(B, 3, nh, hs).transpose(0, 1)  # (3, B, nh, hs)
+        kv[:, :, :, pos] = qkv[1:]
+        q = qkv[0].reshape(B * nh, 1, hs)
+        k, v = kv[:, :, :, :pos + 1].flatten(1, 2)  # 2 x (B * nh, pos + 1, hs), views
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(1.0 / math.sqrt(hs))
+        return torch.bmm(scores.softmax(dim=-1), v).view(B, nh * hs)
 
 
 class MLP(nn.Module):
@@ -144,11 +149,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in transformers)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -158,11 +162,16 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, cache=None, layer=0):
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), cache, layer))
-        return x + self.mlp(self.ln_2(x))
+        # (a function, not nn.Dropout modules: decoding pays for every module call)
+        x = x + dropout(self.attn(self.ln_1(x), cache, layer), self.dropout, self.training)
+        return x + dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
+
+
+def dropout(x, p, training):
+    return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
 class GPT(nn.Module):
@@ -186,11 +195,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if cache is not None and T == 1:  # decoding: the residual stream as (B, n_embd)
+            x = x.view(idx.size(0), -1)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
             cache.pos += T
-        return self.transformer.ln_f(x)
+        return self.transformer.ln_f(x).view(idx.size(0), T, -1)
 
     def forward(self, idx, cache=None, last_only=False):
         """Next-token logits (B, T, vocab); with last_only only for the final position,
@@ -282,23 +293,34 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits (B, vocab)."""
+    """Pick one token per row of logits (B, vocab).
+
+    The draw is one uniform number per row looked up in the cumulative
+    probabilities, with top-k narrowed to its k candidates first. torch.multinomial
+    over the whole vocabulary costs ~1 ms per row on CPU, up to a tenth of a
+    decoding step; this costs microseconds. The columns stay in vocabulary order,
+    so a near-tie that two runs (cache or not, CPU or GPU) rank differently does
+    not change the token drawn."""
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    candidates = None  # vocabulary ids of the columns of logits, once narrowed to top-k
     if top_k is not None and top_k < logits.size(-1):
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        candidates = torch.topk(logits, top_k, dim=-1).indices.sort(dim=-1).values
+        logits = logits.gather(-1, candidates)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token once the ones ranked above it already hold top_p of the mass;
         # the best token is always kept
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # the first column whose cumulative probability exceeds u: a column of
+    # probability p is drawn with probability p, one of probability 0 never
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+    return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
 
 
 def _checkpoint_files(directory):

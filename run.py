@@ -88,10 +88,10 @@ def add_common(p):
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else Apple's MPS, else the CPU)")
 
 
-def add_dtype(p):
+def add_dtype(p, auto="bfloat16 autocast on CUDA and on CPUs with AMX, float32 elsewhere"):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute precision: auto = bfloat16 autocast on CUDA, float32 elsewhere; float32 gives "
-                        "exactly the reference implementation's numbers (default auto)")
+                   help=f"compute precision: auto = {auto}; float32 gives exactly the reference "
+                        f"implementation's numbers (default auto)")
 
 
 def add_gpt_source(p):
@@ -118,7 +118,7 @@ def build_parser():
     gen.add_argument("--num-samples", type=int, default=1, help="samples to generate, as one batch (default 1)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the forward pass (pays off on GPUs)")
-    add_dtype(gen)
+    add_dtype(gen, auto="bfloat16 autocast on CUDA, float32 on CPU (where decoding is bound by memory)")
     add_common(gen)
 
     lora = modes.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
@@ -219,6 +219,7 @@ def add_training(p, out_dir, lr):
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
     p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
+    add_dtype(p)
     add_common(p)
 
 
@@ -279,7 +280,7 @@ def run_gen(args):
         model.forward = torch.compile(model.forward, dynamic=True)
     # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
     # numerics, so a greedy continuation can differ from float32's: --dtype float32.
-    with train_utils.autocast_for(device, args.dtype):
+    with train_utils.autocast_for(device, args.dtype, matrix_bound=False):
         run_stream(args, model, idx, generator)
 
 

@@ -89,19 +89,43 @@ class TrainConfig:
     grad_clip: float = 1.0         # max gradient norm; 0 turns clipping off
     seed: int = 0
     embd_weight_decay: float = None  # adamw's weight decay on a student's token embedding; None: weight_decay
+    dtype: str = "auto"            # auto | float32 | bfloat16, see uses_bf16
 
 
-def uses_bf16(device, dtype="auto"):
-    """The one precision policy of gen, training, eval, predict and the teacher: dtype
-    "auto" is bf16 autocast on CUDA (same range as float32, no loss scaling needed)
-    and float32 elsewhere; "float32" and "bfloat16" force one."""
-    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+def has_amx():
+    """Intel's AMX matrix units: bf16 matrix products at many times the float32 rate."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
-def autocast_for(device, dtype="auto"):
-    if uses_bf16(device, dtype):
+def uses_bf16(device, dtype="auto", matrix_bound=True):
+    """The one precision policy of training, eval, predict, the teacher and gen.
+    "float32" and "bfloat16" force one; "auto" is bf16 autocast (float32's range,
+    no loss scaling) where it pays: on CUDA, and on a CPU with AMX for work made of
+    matrix products (training and classifying batches; not gen's batch-1 decoding,
+    which is bound by memory and would cast every weight at every step). A CPU with
+    AVX512-BF16 but no AMX stays in float32: on such an Intel Xeon bf16 products ran
+    at 0.55x float32's rate and a LoRA step took 1.9x as long (README, Benchmarks)."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    return device.type == "cuda" or (matrix_bound and device.type == "cpu" and has_amx())
+
+
+def autocast_for(device, dtype="auto", matrix_bound=True):
+    if uses_bf16(device, dtype, matrix_bound):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def store_frozen_in_bf16(model):
+    """Under bf16 autocast every product reads its weight in bf16: store the frozen
+    GPT-2 weights so once, rather than casting ~85M numbers again at every forward
+    (and hold half the bytes). What is trained (adapters, head, LayerNorms with
+    --train-layernorm) and its optimizer state stay float32."""
+    from model import Linear
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
 def make_optimizer(named_params, cfg: TrainConfig):
@@ -161,7 +185,7 @@ def evaluate(model, batches, device, loss_fn=cross_entropy_loss, dtype="auto"):
 
 
 def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cross_entropy_loss,
-                grad_clip=1.0, bar=None):
+                grad_clip=1.0, bar=None, dtype="auto"):
     """One pass of optimisation over batches; returns (mean loss, predictions, labels)
     over all the epoch's sentences (gathered from every rank under torchrun)."""
     rank, size = world()
@@ -176,7 +200,7 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
             # of the global batch so the result is the global batch's mean
             weight = size * len(local.labels) / len(batch.labels)
         batch_on_device = local.to(device)
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             logits = model(batch_on_device.idx, batch_on_device.lengths).float()
         loss = loss_fn(logits, batch_on_device)
         optimizer.zero_grad(set_to_none=True)
@@ -257,14 +281,14 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
             with tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                       disable=not progress or rank != 0) as bar:
                 train_loss, predictions, labels = train_epoch(trained, batches, optimizer, scheduler, params,
-                                                              device, loss_fn, cfg.grad_clip, bar)
+                                                              device, loss_fn, cfg.grad_clip, bar, cfg.dtype)
         except KeyboardInterrupt:
             if epoch == 1:
                 raise Interrupted("interrupted in epoch 1, before any epoch finished; nothing was saved") from None
             saved = "epoch 1 is saved" if epoch == 2 else f"epochs 1-{epoch - 1} are saved"
             raise Interrupted(f"interrupted in epoch {epoch}; {saved}"
                               + (" and --resume continues from there" if state_path else "")) from None
-        val = evaluate(model, val_batches, device, loss_fn=cross_entropy_loss)
+        val = evaluate(model, val_batches, device, loss_fn=cross_entropy_loss, dtype=cfg.dtype)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": accuracy(predictions, labels),
                   "train_mcc": matthews_corrcoef(predictions, labels), "val_loss": val["loss"],
                   "val_acc": val["acc"], "val_mcc": val["mcc"], "val_n": val["n"], "seconds": time.time() - start}
@@ -952,7 +976,8 @@ def train_config(args):
     """The TrainConfig of a training mode's flags."""
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
-                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None))
+                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None),
+                       dtype=args.dtype)
 
 
 def run_record(args, model, device, data):
@@ -964,7 +989,9 @@ def run_record(args, model, device, data):
     return {"mode": args.mode, "args": {k: v for k, v in vars(args).items() if k != "mode"},
             "params": {"total": sum(p.numel() for p in model.parameters()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-            "environment": {"seed": args.seed, "device": str(device), "python": platform.python_version(),
+            "environment": {"seed": args.seed, "device": str(device),
+                            "precision": "bf16-autocast" if uses_bf16(device, args.dtype) else "float32",
+                            "python": platform.python_version(),
                             "torch": torch.__version__, "numpy": version("numpy"),
                             "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),
                             "data_sha256": file_sha256s([split.split.source for split in data])},
@@ -1127,6 +1154,8 @@ def train_lora(args):
     classifier = GPTClassifier(gpt)
     set_trainable(classifier, args.train_layernorm)
     classifier.to(device)
+    if uses_bf16(device, args.dtype):
+        store_frozen_in_bf16(classifier)
     base = os.path.abspath(args.weights) if args.weights else HUB_IDS[args.gpt_variant]
     record = run_record(args, classifier, device, data)
     record["lora"] = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,

@@ -277,6 +277,19 @@ def test_sample_next_top_p_keeps_smallest_set_reaching_p(top_p, kept):
         assert abs(share - 0.4 / 0.7) < 0.04
 
 
+def test_sample_next_follows_softmax_and_never_draws_a_masked_token():
+    """The inverse-CDF draw: frequencies follow the softmax over the whole
+    vocabulary and a -inf logit (probability 0) is never drawn, even at the ends."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 40, generator=g)
+    logits[0, [0, 17, 39]] = float("-inf")
+    n = 20000
+    draws = sample_next(logits.expand(n, -1), generator=g)
+    counts = torch.bincount(draws, minlength=40).float()
+    assert counts[[0, 17, 39]].sum() == 0
+    assert (counts / n - logits[0].softmax(-1)).abs().max().item() < 0.015
+
+
 def test_sample_next_temperature_sharpens_and_flattens():
     logits = torch.tensor([[2.0, 1.0, 0.0]]).expand(6000, -1)
     g = torch.Generator().manual_seed(2)

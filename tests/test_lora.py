@@ -311,3 +311,59 @@ def test_merged_layer_refuses_training_and_loading(tiny_ckpt):
     layer.load_state_dict(state)  # unmerged, both work again
     layer.train()(x).sum().backward()
     assert layer.lora_A.grad is not None
+
+
+# ---------------------------------------------------------------------------
+# bf16 training: frozen base stored in bf16, trained parameters in float32
+# ---------------------------------------------------------------------------
+
+def test_frozen_base_stored_in_bf16_equals_autocast_casting_it(tiny_ckpt):
+    """Storing the frozen weights in bf16 once gives exactly what autocast computes
+    when it casts the float32 weights at every product, and leaves what is trained
+    (and so the optimizer's state) in float32."""
+    from train_utils import store_frozen_in_bf16
+    cast_each_time = fresh_classifier(tiny_ckpt.path)
+    randomize(cast_each_time)
+    stored = fresh_classifier(tiny_ckpt.path)
+    stored.load_state_dict(cast_each_time.state_dict())
+    store_frozen_in_bf16(stored)
+    for name, p in stored.named_parameters():
+        frozen_linear = not p.requires_grad and p.dim() == 2 and "wte" not in name and "wpe" not in name
+        assert p.dtype == (torch.bfloat16 if frozen_linear else torch.float32), name
+    idx, lengths, _ = padded()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(stored(idx, lengths), cast_each_time(idx, lengths))
+
+
+def test_bf16_training_stays_close_to_float32(tiny_ckpt):
+    """Two epochs with --dtype bfloat16 (stored base, autocast) track float32's:
+    same trained parameters in float32, losses within bf16's rounding."""
+    from train_utils import store_frozen_in_bf16
+    data, histories, trained = tiny_task(), {}, {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        classifier = fresh_classifier(tiny_ckpt.path)
+        if dtype == "bfloat16":
+            store_frozen_in_bf16(classifier)
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_ratio=0.0, seed=0, dtype=dtype)
+        histories[dtype] = fit(classifier, data, data, cfg, torch.device("cpu"), progress=False)
+        trained[dtype] = {n: p.detach() for n, p in classifier.named_parameters() if p.requires_grad}
+    for a, b in zip(histories["float32"], histories["bfloat16"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.03 and abs(a["val_loss"] - b["val_loss"]) < 0.03
+    for name, p in trained["bfloat16"].items():
+        assert p.dtype == torch.float32
+        assert (p - trained["float32"][name]).norm() <= 0.1 * trained["float32"][name].norm(), name
+
+
+def test_precision_policy(monkeypatch):
+    """auto: bf16 on CUDA, and on a CPU with AMX for batched work only (never gen's
+    decoding); a CPU without AMX stays float32; float32/bfloat16 force one."""
+    import train_utils
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (False, True):
+        monkeypatch.setattr(train_utils, "has_amx", lambda: amx)
+        assert train_utils.uses_bf16(cpu) == amx
+        assert not train_utils.uses_bf16(cpu, matrix_bound=False)
+        assert train_utils.uses_bf16(cuda) and train_utils.uses_bf16(cuda, matrix_bound=False)
+        for device in (cpu, cuda):
+            assert train_utils.uses_bf16(device, "bfloat16") and not train_utils.uses_bf16(device, "float32")

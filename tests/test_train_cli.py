@@ -403,6 +403,29 @@ def test_predict_and_eval_share_one_precision(full_run, tmp_path, capsys, dtype)
             [p for _, p, _ in parse_predictions(stdout)][:50]
 
 
+def test_lora_in_bf16_records_it_and_eval_reproduces_it(tmp_path_factory, tmp_path, tiny_ckpt, capsys):
+    """LoRA --dtype bfloat16 (frozen base stored in bf16): metrics.json says so, and
+    eval --dtype bfloat16 on the saved adapter (float32 base, cast by autocast)
+    reproduces the run's validation numbers exactly; float32's are near them."""
+    data = subset_dir(tmp_path_factory)
+    out = tmp_path / "LoRA"
+    code, _, err = cli(capsys, "LoRA", "--weights", tiny_ckpt.path, "--data-dir", data, "--epochs", 1,
+                       "--dtype", "bfloat16", "--out-dir", out, *common(tmp_path))
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["dtype"] == "bfloat16" and metrics["environment"]["precision"] == "bf16-autocast"
+    best = metrics["epochs"][0]
+    results = {}
+    for dtype in ("bfloat16", "float32"):
+        code, _, err = cli(capsys, "eval", "--checkpoint", out, "--data-dir", data, "--dtype", dtype,
+                           "--batch-size", 128, "--output", tmp_path / f"{dtype}.json")
+        assert code == 0, err
+        results[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert results["bfloat16"]["acc"] == best["val_acc"] and results["bfloat16"]["mcc"] == best["val_mcc"]
+    assert results["bfloat16"]["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert results["float32"]["loss"] == pytest.approx(best["val_loss"], abs=0.02)
+
+
 # ---------------------------------------------------------------------------
 # The command line's manners
 # ---------------------------------------------------------------------------
