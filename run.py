@@ -5,7 +5,6 @@ tune.py (sweeps and comparisons) and model.py (gen), and turns every known probl
 into a one-line error (exit status 2).
 """
 import argparse
-import codecs
 import os
 import sys
 
@@ -13,7 +12,7 @@ from model import LORA_TARGETS, PRESETS, WeightsError
 import train_utils
 from train_utils import RUN_CONTROL, CheckpointError, Interrupted
 import tune
-from utils import DEFAULT_DATA_DIR, EOT_TOKEN, UserError, info
+from utils import DEFAULT_DATA_DIR, UserError, info
 
 # The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
 EMBD_DROPOUT = 0.0
@@ -81,6 +80,21 @@ def seed_value(text):
     if not 0 <= value < 2 ** 32:  # NumPy's seed range
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
+
+
+def in_range(args, interval, *flags):
+    """Raise a UserError unless each flag's value (None: not given) lies in interval,
+    written as in maths: "[0, 1)", "(0, inf)". Comparisons are written so that nan fails."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            bounds = f"in {interval}" if high < float("inf") else f"{'>=' if interval[0] == '[' else '>'} {low:g}"
+            raise UserError(f"{flag} must be {bounds}, got {value}")
 
 
 def add_common(p):
@@ -243,21 +257,13 @@ def add_student(p):
                         "projected if sizes differ")
 
 
-# ---------------------------------------------------------------------------
-# gen
-# ---------------------------------------------------------------------------
+# --- gen ---------------------------------------------------------------------
 
 def validate_gen(args):
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    in_range(args, "[1, inf)", "--max-new-tokens", "--top-k", "--num-samples")
+    in_range(args, "(0, 1]", "--top-p")
     if not args.greedy and not args.temperature > 0:  # also catches nan
         raise UserError(f"--temperature must be > 0 (got {args.temperature}); for deterministic output use --greedy")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     if not args.prompt.strip():
@@ -266,7 +272,7 @@ def validate_gen(args):
 
 def run_gen(args):
     import torch
-    from utils import encode, resolve_device, seed_everything
+    from utils import encode, print_samples, resolve_device, seed_everything
     validate_gen(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -280,62 +286,50 @@ def run_gen(args):
         model.forward = torch.compile(model.forward, dynamic=True)
     # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
     # numerics, so a greedy continuation can differ from float32's: --dtype float32.
-    with train_utils.autocast_for(device, args.dtype, matrix_bound=False):
-        run_stream(args, model, idx, generator)
-
-
-def run_stream(args, model, idx, generator):
-    """Print the prompt, then stream the first sample's tokens as they come."""
-    from utils import decode, get_tokenizer
     stream = model.generate_stream(idx, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, generator=generator,
                                    use_cache=not args.no_cache)
-    tokenizer = get_tokenizer()
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    # Tokens are byte pieces: decode incrementally so a character split across two
-    # tokens is printed once it is complete.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    generated = [[] for _ in range(args.num_samples)]
-    done = [False] * args.num_samples
-    for tokens in stream:
-        for i, token in enumerate(tokens.tolist()):
-            if done[i] or token == EOT_TOKEN:
-                done[i] = True
-                continue
-            generated[i].append(token)
-            if i == 0:  # the first sample streams live, the others follow when it is done
-                out.write(utf8.decode(tokenizer.decode_single_token_bytes(token)))
-                out.flush()
-    out.write(utf8.decode(b"", final=True) + "\n")
-    for i in range(1, args.num_samples):
-        out.write(f"----- sample {i + 1}/{args.num_samples} -----\n")
-        out.write(args.prompt + decode(generated[i]) + "\n")
-    out.flush()
+    with train_utils.autocast_for(device, args.dtype, matrix_bound=False):
+        print_samples(args.prompt, stream, args.num_samples)
 
 
-# ---------------------------------------------------------------------------
-# Training modes: LoRA, rnn, distil
-# ---------------------------------------------------------------------------
+# --- Training modes: LoRA, rnn, distil ---------------------------------------
 
 def validate_training(args):
     """Check the flags of a training mode: all of them, before any file is read."""
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.grad_clip < 0 or args.weight_decay < 0:
-        raise UserError("--grad-clip and --weight-decay must be >= 0")
+    in_range(args, "[1, inf)", "--epochs", "--batch-size")
+    in_range(args, "(0, inf)", "--lr")
+    in_range(args, "[0, 1)", "--warmup-ratio")
+    in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
     if args.mode == "LoRA":
-        validate_lora(args)
-    else:
-        validate_student(args)
-    if args.mode == "distil":
-        validate_distil(args)
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise UserError(f"unknown --lora-targets {','.join(bad) or '(empty)'}; "
+                            f"choose from {','.join(LORA_TARGETS)}")
+        in_range(args, "[1, inf)", "--lora-rank")
+        in_range(args, "(0, inf)", "--lora-alpha")
+        in_range(args, "[0, 1)", "--lora-dropout")
+        return
+    in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden", "--rnn-embd")
+    in_range(args, "[0, 1)", "--rnn-dropout", "--embd-dropout", "--head-dropout")
+    in_range(args, "[0, inf)", "--embd-weight-decay")
+    if args.mode != "distil":
+        return
+    if args.augment is None:
+        args.augment = 0 if args.teacher_logits else AUGMENT
+    in_range(args, "(0, inf)", "--kd-temperature")
+    in_range(args, "[0, 1]", "--kd-alpha", "--mask-prob", "--swap-prob", "--ngram-prob")
+    in_range(args, "[0, inf)", "--augment")
+    in_range(args, "[1, inf)", "--max-ngram")
+    if args.mask_prob + args.swap_prob > 1:
+        raise UserError("--mask-prob + --swap-prob must be <= 1: a word is masked or swapped, not both")
+    if args.augment and args.teacher_logits:
+        raise UserError("--augment needs a teacher to label the synthetic sentences; --teacher-logits gives only "
+                        "the training sentences' logits: pass --teacher DIR, or --augment 0")
+    if args.augment and args.kd_alpha == 0:
+        raise UserError("--augment with --kd-alpha 0: synthetic sentences have no gold label, so they would teach "
+                        "nothing; raise --kd-alpha or pass --augment 0")
 
 
 def run_training(args):
@@ -352,60 +346,7 @@ def run_training(args):
         return RUNNERS[args.mode](args)
 
 
-def validate_lora(args):
-    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in LORA_TARGETS]
-    if bad or not targets:
-        raise UserError(f"unknown --lora-targets {','.join(bad) or '(empty)'}; choose from {','.join(LORA_TARGETS)}")
-    if args.lora_rank < 1:
-        raise UserError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-    if args.lora_alpha <= 0:
-        raise UserError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-
-
-def validate_student(args):
-    for flag, value in (("--rnn-layers", args.rnn_layers), ("--rnn-hidden", args.rnn_hidden),
-                        ("--rnn-embd", args.rnn_embd)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--rnn-dropout", args.rnn_dropout), ("--embd-dropout", args.embd_dropout),
-                        ("--head-dropout", args.head_dropout)):
-        if not 0 <= value < 1:
-            raise UserError(f"{flag} must be in [0, 1), got {value}")
-    if args.embd_weight_decay is not None and args.embd_weight_decay < 0:
-        raise UserError(f"--embd-weight-decay must be >= 0, got {args.embd_weight_decay}")
-
-
-def validate_distil(args):
-    if args.kd_temperature <= 0:
-        raise UserError(f"--kd-temperature must be > 0, got {args.kd_temperature}")
-    if not 0 <= args.kd_alpha <= 1:
-        raise UserError(f"--kd-alpha must be in [0, 1], got {args.kd_alpha}")
-    if args.augment is None:
-        args.augment = 0 if args.teacher_logits else AUGMENT
-    if args.augment < 0:
-        raise UserError(f"--augment must be >= 0, got {args.augment}")
-    for flag, value in (("--mask-prob", args.mask_prob), ("--swap-prob", args.swap_prob),
-                        ("--ngram-prob", args.ngram_prob)):
-        if not 0 <= value <= 1:
-            raise UserError(f"{flag} must be in [0, 1], got {value}")
-    if args.mask_prob + args.swap_prob > 1:
-        raise UserError("--mask-prob + --swap-prob must be <= 1: a word is masked or swapped, not both")
-    if args.max_ngram < 1:
-        raise UserError(f"--max-ngram must be >= 1, got {args.max_ngram}")
-    if args.augment and args.teacher_logits:
-        raise UserError("--augment needs a teacher to label the synthetic sentences; --teacher-logits gives only "
-                        "the training sentences' logits: pass --teacher DIR, or --augment 0")
-    if args.augment and args.kd_alpha == 0:
-        raise UserError("--augment with --kd-alpha 0: synthetic sentences have no gold label, so they would teach "
-                        "nothing; raise --kd-alpha or pass --augment 0")
-
-
-# ---------------------------------------------------------------------------
-# predict and eval
-# ---------------------------------------------------------------------------
+# --- predict and eval --------------------------------------------------------
 
 def read_sentences(args):
     """The sentences to classify: the arguments, else stdin one per line. A blank
@@ -425,44 +366,14 @@ def read_sentences(args):
 
 
 def run_predict(args):
-    from train_utils import load_classifier, predict_logits
-    from utils import Split, TokenizedSplit, resolve_device
     sentences = read_sentences(args)
-    device = resolve_device(args.device)
-    model, description = load_classifier(args.checkpoint, args.weights, merge=True)
-    info(f"classifier: {description}")
-    model.to(device)
-    tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"), model.max_len)
-    probabilities = predict_logits(model, tokenized.batches(args.batch_size), device, args.dtype).softmax(-1)[:, 1]
-    for sentence, p in zip(sentences, probabilities.tolist()):
+    for sentence, p in zip(sentences, train_utils.predict(args, sentences)):
         print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
 
 
-def run_eval(args):
-    from train_utils import evaluate, load_classifier, save_json
-    from utils import TokenizedSplit, load_cola, resolve_device
-    device = resolve_device(args.device)
-    model, description = load_classifier(args.checkpoint, args.weights)
-    model.to(device)
-    _, val = load_cola(args.data_dir, args.val_split)
-    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(args.batch_size), device, dtype=args.dtype)
-    (tn, fp), (fn, tp) = result["confusion"]
-    print(f"checkpoint: {args.checkpoint} ({description})")
-    print(f"data: {val.source} ({result['n']} sentences)")
-    print(f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  MCC {result['mcc']:.4f}")
-    print("confusion (rows: true label, columns: predicted)")
-    print(f"            pred 0  pred 1\ntrue 0  {tn:>8} {fp:>7}\ntrue 1  {fn:>8} {tp:>7}")
-    output = args.output or os.path.join(args.checkpoint, f"eval_{args.val_split}.json")
-    save_json(output, {"checkpoint": args.checkpoint, "data": val.source, "n": result["n"], "loss": result["loss"],
-                       "acc": result["acc"], "mcc": result["mcc"],
-                       "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}})
-    info(f"wrote {output}")
-
-
-RUNNERS = {"gen": run_gen, "LoRA": lambda args: train_utils.train_lora(args),
-           "rnn": lambda args: train_utils.train_rnn(args), "distil": lambda args: train_utils.train_distil(args),
-           "predict": run_predict, "eval": run_eval, "tune-report": lambda args: tune.run_tune_report(args),
-           "compare": lambda args: tune.run_compare(args)}
+RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": train_utils.evaluate_checkpoint,
+           "LoRA": train_utils.train_lora, "rnn": train_utils.train_rnn, "distil": train_utils.train_distil,
+           "tune-report": tune.run_tune_report, "compare": tune.run_compare}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 

@@ -1228,3 +1228,38 @@ def train_distil(args):
                               "ngram_prob": args.ngram_prob, "max_ngram": args.max_ngram,
                               "transfer_sentences": len(targets.transfer)}}
     train_student(args, device, (targets.transfer, val_set), loss_fn, extra, targets.val_predictions)
+
+
+def predict(args, sentences):
+    """predict: the probability of "acceptable" for each sentence, by the checkpoint
+    with its adapters merged, in length-sorted batches."""
+    from utils import Split, TokenizedSplit, resolve_device
+    device = resolve_device(args.device)
+    model, description = load_classifier(args.checkpoint, args.weights, merge=True)
+    info(f"classifier: {description}")
+    model.to(device)
+    tokenized = TokenizedSplit(Split(sentences, [0] * len(sentences), "input"), model.max_len)
+    probabilities = predict_logits(model, tokenized.batches(args.batch_size), device, args.dtype).softmax(-1)[:, 1]
+    return probabilities.tolist()
+
+
+def evaluate_checkpoint(args):
+    """eval: a checkpoint's loss, accuracy, MCC and confusion on a validation split,
+    printed and written as JSON."""
+    from utils import TokenizedSplit, load_cola, resolve_device
+    device = resolve_device(args.device)
+    model, description = load_classifier(args.checkpoint, args.weights)
+    model.to(device)
+    _, val = load_cola(args.data_dir, args.val_split)
+    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(args.batch_size), device, dtype=args.dtype)
+    (tn, fp), (fn, tp) = result["confusion"]
+    print(f"checkpoint: {args.checkpoint} ({description})")
+    print(f"data: {val.source} ({result['n']} sentences)")
+    print(f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  MCC {result['mcc']:.4f}")
+    print("confusion (rows: true label, columns: predicted)")
+    print(f"            pred 0  pred 1\ntrue 0  {tn:>8} {fp:>7}\ntrue 1  {fn:>8} {tp:>7}")
+    output = args.output or os.path.join(args.checkpoint, f"eval_{args.val_split}.json")
+    save_json(output, {"checkpoint": args.checkpoint, "data": val.source, "n": result["n"], "loss": result["loss"],
+                       "acc": result["acc"], "mcc": result["mcc"],
+                       "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}})
+    info(f"wrote {output}")

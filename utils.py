@@ -214,6 +214,35 @@ def decode(ids):
     return get_tokenizer().decode(ids)
 
 
+def print_samples(prompt, token_steps, num_samples, out=None):
+    """Print the prompt, stream the first sample's tokens as they come (token_steps
+    yields a (num_samples,) tensor per step), then the other samples. A sample ends
+    at its first end-of-text token."""
+    import codecs
+    out = out or sys.stdout
+    tokenizer = get_tokenizer()
+    out.write(prompt)
+    out.flush()
+    # Tokens are byte pieces: decode incrementally so a character split across two
+    # tokens is printed once it is complete.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    generated = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for tokens in token_steps:
+        for i, token in enumerate(tokens.tolist()):
+            if done[i] or token == EOT_TOKEN:
+                done[i] = True
+                continue
+            generated[i].append(token)
+            if i == 0:
+                out.write(utf8.decode(tokenizer.decode_single_token_bytes(token)))
+                out.flush()
+    out.write(utf8.decode(b"", final=True) + "\n")
+    for i in range(1, num_samples):
+        out.write(f"----- sample {i + 1}/{num_samples} -----\n{prompt}{decode(generated[i])}\n")
+    out.flush()
+
+
 # ---------------------------------------------------------------------------
 # Seeds and devices
 # ---------------------------------------------------------------------------
