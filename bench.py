@@ -170,14 +170,14 @@ def cola_train(args):
 
 
 def bench_lora(args):
-    """One epoch (or --max-steps batches) of CoLA, gpt2 shape with random weights,
+    """One epoch (or --max-steps batches) of CoLA, --shape (gpt2) with random weights,
     rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32."""
     import math
 
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from model import GPT, GPTConfig, GPTClassifier, LORA_TARGETS, add_lora
+    from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora
     from train_utils import (TrainConfig, autocast_for, make_training, set_trainable, store_frozen_in_bf16,
                              train_epoch, uses_bf16)
     device = torch.device(args.device)
@@ -196,7 +196,7 @@ def bench_lora(args):
 
     def ours_seconds(dtype):
         torch.manual_seed(0)
-        classifier = GPTClassifier(add_lora(GPT(GPTConfig()), LORA_TARGETS, rank=4, alpha=8))
+        classifier = GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[args.shape])), LORA_TARGETS, rank=4, alpha=8))
         set_trainable(classifier)
         classifier.to(device)
         if uses_bf16(device, dtype):
@@ -216,7 +216,7 @@ def bench_lora(args):
     # reference: transformers + peft, batched as its users do (random order, padded
     # per batch to the longest sentence, attention mask), same optimiser and clipping
     torch.manual_seed(0)
-    hf = GPT2ForSequenceClassification(GPT2Config(pad_token_id=50256, num_labels=2))
+    hf = GPT2ForSequenceClassification(GPT2Config(pad_token_id=50256, num_labels=2, **PRESETS[args.shape]))
     peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0,
                              target_modules=list(LORA_TARGETS), fan_in_fan_out=True)
     reference = get_peft_model(hf, peft_config).to(device)
@@ -244,7 +244,7 @@ def bench_lora(args):
     tokens_ours = sum(b.idx.numel() for b in ours_batches)
     tokens_ref = sum(b[0].numel() for b in ref_batches)
     print(f"device: {device_name(device)}")
-    print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, gpt2 shape, batch {batch_size}, {len(ours_batches)} steps "
+    print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, {args.shape} shape, batch {batch_size}, {len(ours_batches)} steps "
           f"({'full epoch' if len(ours_batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
     print(f"transformers + peft: {n_ref / t_ref:.1f} sentences/s ({tokens_ref} token slots incl. padding)")
     print(f"ours (--dtype auto = {auto}): {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. "
@@ -408,6 +408,7 @@ def main():
     p.add_argument("--data-dir", default=DEFAULT_COLA, help="real CoLA (lora, distil)")
     p.add_argument("--max-steps", type=int, default=None, help="lora: time only this many batches of the epoch")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--shape", default="gpt2", choices=("gpt2", "gpt2-medium"), help="lora: the GPT-2 shape")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
     args = p.parse_args()
     sys.path.insert(0, HERE)
