@@ -105,7 +105,7 @@ def uses_bf16(device, dtype="auto", matrix_bound=True):
     matrix products (training and classifying batches; not gen's batch-1 decoding,
     which is bound by memory and would cast every weight at every step). A CPU with
     AVX512-BF16 but no AMX stays in float32: on such an Intel Xeon bf16 products ran
-    at 0.55x float32's rate and a LoRA step took 1.9x as long (README, Benchmarks)."""
+    at 0.55x float32's rate and a LoRA epoch took 1.7x as long (README, Benchmarks)."""
     if dtype != "auto":
         return dtype == "bfloat16"
     return device.type == "cuda" or (matrix_bound and device.type == "cpu" and has_amx())
