@@ -365,6 +365,9 @@ def load_training_state(path, model, optimizer, scheduler, generator, signature)
         raise CheckpointError(f"--resume: {path} is corrupt ({one_line(e)[:120]}); "
                               "drop --resume to start anew") from None
     saved = state.get("signature") or {}
+    for key, value in ADDED_SETTINGS.items():  # a run saved before a setting existed ran as its default
+        if key in (signature or {}):
+            saved.setdefault(key, value)
     changed = sorted(k for k in set(saved) | set(signature or {}) if saved.get(k) != (signature or {}).get(k))
     if changed:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {(signature or {}).get(k)!r}" for k in changed[:4])
@@ -1001,6 +1004,9 @@ def run_record(args, model, device, data):
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
                "compile", "overwrite", "keep_resume_state")
+# Settings added to the flags after runs were already being saved, with the value such
+# a run behaved as: it resumes under that value instead of being refused as changed.
+ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
 # What a run writes into its --out-dir (--overwrite removes these, nothing else)
 RUN_FILES = ("metrics.json", "resume_state.pt", "student.safetensors", "student.json", "adapter", "plots")
 

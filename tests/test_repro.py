@@ -89,6 +89,25 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, tmp_path_fact
     assert_error(code, stdout, err, "corrupt", only_line=False)
 
 
+def test_resume_of_a_run_saved_before_a_flag_existed(tmp_path, tmp_path_factory, tiny_ckpt, capsys):
+    """A run interrupted under an older version, whose saved settings lack a flag
+    added since (--dtype), resumes as if it had that flag's default; a value other
+    than the default is still a changed setting."""
+    import torch
+    argv = mode_argv("rnn", tmp_path_factory, tiny_ckpt) + common(tmp_path)
+    out = str(tmp_path / "run")
+    run_ok(*argv, "--out-dir", out, "--stop-after", "1")
+    path = os.path.join(out, "resume_state.pt")
+    state = torch.load(path, weights_only=True)
+    del state["signature"]["dtype"]
+    torch.save(state, path)
+    code, stdout, err = cli(capsys, *argv, "--out-dir", out, "--resume", "--dtype", "bfloat16")
+    assert_error(code, stdout, err, "--resume", "dtype", only_line=False)
+    code, _, err = cli(capsys, *argv, "--out-dir", out, "--resume")
+    assert code == 0, err
+    assert len(epochs_without_time(out)[0]) == 3
+
+
 def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, capsys, monkeypatch):
     """Ctrl-C in epoch 2: epoch 1's files stay whole and --resume finishes the run."""
     import train_utils
