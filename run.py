@@ -284,11 +284,11 @@ def run_gen(args):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-    # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
-    # numerics, so a greedy continuation can differ from float32's: --dtype float32.
     stream = model.generate_stream(idx, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, generator=generator,
                                    use_cache=not args.no_cache)
+    # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
+    # numerics, so a greedy continuation can differ from float32's: --dtype float32.
     with train_utils.autocast_for(device, args.dtype, matrix_bound=False):
         print_samples(args.prompt, stream, args.num_samples)
 
