@@ -150,14 +150,16 @@ def matvec_ceiling(model, steps, device, layout="in,out"):
 # lora
 # ---------------------------------------------------------------------------
 
-def gemm_rate(device, dtype):
-    """GFLOP/s of one product of a LoRA step's shape ((384 tokens x 768) @ (768 x 3072)):
-    what the hardware gives each precision, to read the bf16-over-float32 ratio by."""
-    a = torch.randn(384, 768, device=device, dtype=dtype)
-    w = torch.randn(768, 3072, device=device, dtype=dtype)
+def gemm_rate(device, dtype, n_embd, tokens=384):
+    """GFLOP/s of one product of a LoRA step's shape, a batch's tokens through the MLP's
+    first layer ((tokens x n_embd) @ (n_embd x 4 n_embd)): what the hardware gives each
+    precision, to read the bf16-over-float32 ratio by."""
+    a = torch.randn(tokens, n_embd, device=device, dtype=dtype)
+    w = torch.randn(n_embd, 4 * n_embd, device=device, dtype=dtype)
     a @ w
     repeats = 20
-    return repeats * 2 * 384 * 768 * 3072 / best_of(1, lambda: [a @ w for _ in range(repeats)], device) / 1e9
+    flops = repeats * 2 * tokens * n_embd * 4 * n_embd
+    return flops / best_of(1, lambda: [a @ w for _ in range(repeats)], device) / 1e9
 
 
 def cola_train(args):
@@ -252,7 +254,8 @@ def bench_lora(args):
     print(f"ours in float32: {n_ours / seconds['float32']:.1f} sentences/s, in bfloat16: "
           f"{n_ours / seconds['bfloat16']:.1f} sentences/s, bf16 over float32: "
           f"{seconds['float32'] / seconds['bfloat16']:.2f}")
-    fp32_rate, bf16_rate = gemm_rate(device, torch.float32), gemm_rate(device, torch.bfloat16)
+    n_embd = PRESETS[args.shape]["n_embd"]
+    fp32_rate, bf16_rate = (gemm_rate(device, dtype, n_embd) for dtype in (torch.float32, torch.bfloat16))
     print(f"bare matrix product of the step's shape: float32 {fp32_rate:.0f} GFLOP/s, bfloat16 {bf16_rate:.0f} "
           f"GFLOP/s ({bf16_rate / fp32_rate:.2f}x)")
     return {"bench": "lora", "device": device_name(device), "ours": n_ours / t_ours, "reference": n_ref / t_ref,

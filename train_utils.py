@@ -716,9 +716,10 @@ def predict_logits(model, batches, device, dtype="auto"):
     return logits[rows.argsort()]
 
 
-def precision_of(device):
-    """How a model's outputs are computed on device: part of every teacher cache key."""
-    return "bf16-autocast" if uses_bf16(device) else "float32"
+def precision_of(device, dtype="auto"):
+    """How a model's outputs are computed on device: part of every teacher cache key,
+    and a run's environment.precision in metrics.json."""
+    return "bf16-autocast" if uses_bf16(device, dtype) else "float32"
 
 
 class LoRATeacher:
@@ -993,7 +994,7 @@ def run_record(args, model, device, data):
             "params": {"total": sum(p.numel() for p in model.parameters()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "environment": {"seed": args.seed, "device": str(device),
-                            "precision": "bf16-autocast" if uses_bf16(device, args.dtype) else "float32",
+                            "precision": precision_of(device, args.dtype),
                             "python": platform.python_version(),
                             "torch": torch.__version__, "numpy": version("numpy"),
                             "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),

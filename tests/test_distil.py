@@ -410,7 +410,7 @@ def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher
         assert err.count("running the teacher") == computed, (val_split, err)
     assert len(cache_files(teacher)) == 3  # train, val in, val out
     # the same teacher under bf16 autocast (as on a GPU): its own files; the float32 ones stay
-    monkeypatch.setattr(train_utils, "precision_of", lambda device: "bf16-autocast")
+    monkeypatch.setattr(train_utils, "precision_of", lambda device, dtype="auto": "bf16-autocast")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     assert err.count("running the teacher") == 2
