@@ -18,8 +18,8 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_COLA = os.path.join(HERE, "data", "cola")
+from utils import DEFAULT_DATA_DIR
+
 
 
 def device_name(device):
@@ -356,20 +356,21 @@ def bench_predict(args):
     """The student against GPT-2 LoRA classifiers as predict runs them (merged
     adapters, length-sorted batches), on CoLA's in-domain dev sentences: sentences/s
     at batch 64, milliseconds per sentence at batch 1, parameters and size on disk."""
-    from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, lora_layers
-    from train_utils import predict_logits, save_tensors
-    from utils import Split, TokenizedSplit, load_cola
+    from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, merge_lora
+    from train_utils import infer
+    from utils import TokenizedSplit, load_cola, save_tensors
     device = torch.device(args.device)
     _, val = load_cola(args.data_dir, "in")
-    split = TokenizedSplit(Split(val.sentences, [0] * len(val), "dev"))
-    single = TokenizedSplit(Split(val.sentences[:args.single_sentences], [0] * args.single_sentences, "dev"))
+    split = TokenizedSplit.of_texts(val.sentences, source="dev")
+    single = TokenizedSplit.of_texts(val.sentences[:args.single_sentences], source="dev")
+
+    def predict_logits(model, batches, device):
+        return infer(model, batches, device)[0]
 
     def teacher(preset):
         torch.manual_seed(0)
-        classifier = GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[preset])), rank=4, alpha=8))
-        for layer in lora_layers(classifier):
-            layer.merge()  # what predict does: inference at the plain model's cost
-        return classifier.eval()
+        # merged: what predict does, inference at the plain model's cost
+        return merge_lora(GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[preset])), rank=4, alpha=8))).eval()
 
     models = {"GPT-2 LoRA teacher (gpt2 shape)": lambda: teacher("gpt2"),
               "GPT-2 LoRA teacher (gpt2-medium shape)": lambda: teacher("gpt2-medium"),
@@ -408,13 +409,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is kept (gen)")
     p.add_argument("--prompt-tokens", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=100)
-    p.add_argument("--data-dir", default=DEFAULT_COLA, help="real CoLA (lora, distil)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="real CoLA (lora, distil)")
     p.add_argument("--max-steps", type=int, default=None, help="lora: time only this many batches of the epoch")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--shape", default="gpt2", choices=("gpt2", "gpt2-medium"), help="lora: the GPT-2 shape")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
     args = p.parse_args()
-    sys.path.insert(0, HERE)
     result = BENCHES[args.bench](args)
     print(json.dumps(result))
 

@@ -13,8 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
-
 
 class WeightsError(ValueError):
     """Pretrained weights could not be found, read or matched to the model."""
@@ -247,7 +245,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, stop_token=EOT_TOKEN, use_cache=True):
+                        generator=None, stop_token=None, use_cache=True):
         """Yield the next token of every sequence, a (B,) tensor per step.
 
         A sequence that produced stop_token keeps yielding stop_token; the stream
@@ -453,12 +451,29 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def add_lora(gpt: GPT, targets=LORA_TARGETS, rank=4, alpha=8.0, dropout=0.0):
-    """Freeze gpt and wrap the chosen Linear layers of every block in LoRALinear."""
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 8.0            # the update is scaled by alpha / rank
+    dropout: float = 0.0          # on the adapters' input
+    targets: tuple = LORA_TARGETS
+    train_layernorm: bool = False  # also train the LayerNorms (with the adapters and the head)
+
+
+def lora_targets(text):
+    """"c_attn, c_fc" -> ("c_attn", "c_fc"); ValueError naming the choices for an
+    unknown or empty list."""
+    targets = tuple(t.strip() for t in text.split(",") if t.strip()) if isinstance(text, str) else tuple(text)
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         raise ValueError(f"unknown LoRA target(s) {','.join(unknown) or '(none)'}; "
                          f"choose from {','.join(LORA_TARGETS)}")
+    return targets
+
+
+def add_lora(gpt: GPT, targets=LORA_TARGETS, rank=4, alpha=8.0, dropout=0.0):
+    """Freeze gpt and wrap the chosen Linear layers of every block in LoRALinear."""
+    targets = lora_targets(targets)
     gpt.requires_grad_(False)
     for block in gpt.transformer.h:
         for target in targets:
@@ -470,6 +485,34 @@ def add_lora(gpt: GPT, targets=LORA_TARGETS, rank=4, alpha=8.0, dropout=0.0):
 
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    """Fold every adapter of model into its base weight (for inference)."""
+    for layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+LAYERNORMS = ("ln_1", "ln_2", "ln_f")
+
+
+def set_trainable(classifier, train_layernorm=False):
+    """Only the LoRA matrices and the head learn (and, if asked, the LayerNorms)."""
+    for name, p in classifier.named_parameters():
+        is_layernorm = any(f".{ln}." in name for ln in LAYERNORMS)
+        p.requires_grad = ".lora_" in name or name.startswith("score.") or (train_layernorm and is_layernorm)
+    return classifier
+
+
+def store_frozen_in_bf16(model):
+    """Under bf16 autocast every product reads its weight in bf16: store the frozen
+    GPT-2 weights so once, rather than casting ~85M numbers again at every forward
+    (and hold half the bytes). What is trained (adapters, head, LayerNorms with
+    --train-layernorm) and its optimizer state stay float32."""
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
 class GPTClassifier(nn.Module):

@@ -1,24 +1,31 @@
 """Command line: python run.py gen|LoRA|rnn|distil|predict|eval|tune-report|compare ...
 
-Parses, validates every flag once, dispatches to train_utils.py (training modes),
-tune.py (sweeps and comparisons) and model.py (gen), and turns every known problem
-into a one-line error (exit status 2).
+The only place that sees the flags: it parses them, validates every one before any
+file is read, turns them into typed configs (each default set once, in its
+dataclass), and dispatches to modes.py (training, predict, eval; gen's model is
+model.py's GPT) and tune.py (sweeps and comparisons). Every known problem becomes a
+one-line error (exit status 2).
 """
 import argparse
 import os
 import sys
 
-from model import LORA_TARGETS, PRESETS, WeightsError
-import train_utils
-from train_utils import RUN_CONTROL, CheckpointError, Interrupted
+import modes
 import tune
-from utils import DEFAULT_DATA_DIR, UserError, info
+from checkpoints import CheckpointError
+from distil import DistilConfig
+from model import LORA_TARGETS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
+from rundir import RunConfig, claim_out_dir
+from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
+from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, AugmentConfig, DataConfig, UserError, info
 
-# The student's recipe: chosen over 5 seeds with the shared MiniLM teacher (README, Results)
-EMBD_DROPOUT = 0.0
-HEAD_DROPOUT = 0.0
-EMBD_WEIGHT_DECAY = None
-AUGMENT = 3
+# Flags that steer a run without changing what it computes: they may differ on --resume.
+RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
+               "compile", "overwrite", "keep_resume_state")
+# Settings added to the flags after runs were already being saved, with the value such
+# a run behaved as: it resumes under that value instead of being refused as changed.
+ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
+TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,25 +109,25 @@ def add_common(p):
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else Apple's MPS, else the CPU)")
 
 
-def add_dtype(p, auto="bfloat16 autocast on CUDA and on CPUs with AMX, float32 elsewhere"):
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help=f"compute precision: auto = {auto}; float32 gives exactly the reference "
-                        f"implementation's numbers (default auto)")
+def add_dtype(p, auto="tf32 products on CUDA, bfloat16 autocast on CPUs with AMX, float32 elsewhere"):
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help=f"compute precision: auto = the faster, as measured: {auto}; float32 gives exactly the "
+                        f"reference implementation's numbers (default auto)")
 
 
 def add_gpt_source(p):
-    p.add_argument("--gpt-variant", default="gpt2", metavar="{" + ",".join(PRESETS) + "}",
-                   help="pretrained GPT-2 to download from the Hugging Face hub (default gpt2)")
+    p.add_argument("--gpt-variant", default=modes.GPTSource.variant, metavar="{" + ",".join(PRESETS) + "}",
+                   help=f"pretrained GPT-2 to download from the Hugging Face hub (default {modes.GPTSource.variant})")
     p.add_argument("--weights", metavar="DIR",
                    help="local Hugging Face GPT-2 directory (config.json + model.safetensors); wins over --gpt-variant")
 
 
 def build_parser():
     parser = Parser(prog="run.py", description="GPT-2 generation, LoRA fine-tuning on CoLA, distillation into an RNN")
-    modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
-    modes.required = True
+    modes_ = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+    modes_.required = True
 
-    gen = modes.add_parser("gen", help="generate text from a prompt with pretrained GPT-2")
+    gen = modes_.add_parser("gen", help="generate text from a prompt with pretrained GPT-2")
     add_gpt_source(gen)
     gen.add_argument("--prompt", default="Hello, I'm a language model,",
                      help="text to continue; '-' reads it from stdin")
@@ -135,49 +142,55 @@ def build_parser():
     add_dtype(gen, auto="bfloat16 autocast on CUDA, float32 on CPU (where decoding is bound by memory)")
     add_common(gen)
 
-    lora = modes.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
+    lora = modes_.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
     add_gpt_source(lora)
-    add_training(lora, out_dir="runs/LoRA", lr=1e-3)
-    lora.add_argument("--lora-rank", type=int, default=4, help="rank r of the adapters (default 4)")
-    lora.add_argument("--lora-alpha", type=float, default=8.0, help="scaling numerator: update * alpha/r (default 8)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
-    lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
-                      help=f"comma list of layers to adapt in every block (default {','.join(LORA_TARGETS)})")
+    add_training(lora, out_dir="runs/LoRA")
+    lora.add_argument("--lora-rank", type=int, default=LORA.rank, help=f"rank r of the adapters (default {LORA.rank})")
+    lora.add_argument("--lora-alpha", type=float, default=LORA.alpha,
+                      help=f"scaling numerator: update * alpha/r (default {LORA.alpha:g})")
+    lora.add_argument("--lora-dropout", type=float, default=LORA.dropout,
+                      help=f"dropout on the adapters' input (default {LORA.dropout:g})")
+    lora.add_argument("--lora-targets", default=",".join(LORA.targets),
+                      help=f"comma list of layers to adapt in every block (default {','.join(LORA.targets)})")
     lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
 
     for mode, help_text in (("rnn", "train the DistilRNN on CoLA labels alone (the baseline)"),
                             ("distil", "distil a fine-tuned GPT-2 teacher into the DistilRNN")):
-        p = modes.add_parser(mode, help=help_text)
-        add_training(p, out_dir=f"runs/{mode}", lr=1e-3)
+        p = modes_.add_parser(mode, help=help_text)
+        add_training(p, out_dir=f"runs/{mode}")
         add_student(p)
         add_gpt_source(p)  # GPT-2 for --init-embeddings gpt2, and the teacher's base in distil
         if mode == "distil":
             source = p.add_mutually_exclusive_group()
             source.add_argument("--teacher", default=None, metavar="DIR",
                                 help="a LoRA run's out dir, or a Hugging Face sequence-classification "
-                                     "directory with 2 labels (default runs/LoRA)")
+                                     f"directory with 2 labels (default {DISTIL.teacher})")
             source.add_argument("--teacher-logits", metavar="FILE",
                                 help="distil from any teacher: .npy of shape (training sentences, 2)")
-            p.add_argument("--kd-temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
-            p.add_argument("--kd-alpha", type=float, default=0.5,
-                           help="weight of the teacher term; 0 = labels only, i.e. rnn (default 0.5)")
-            p.add_argument("--kd-loss", choices=("kl", "mse"), default="kl",
-                           help="kl on softened probabilities (Hinton) or mse on logits (Tang) (default kl)")
+            p.add_argument("--kd-temperature", type=float, default=DISTIL.temperature,
+                           help=f"softmax temperature T (default {DISTIL.temperature:g})")
+            p.add_argument("--kd-alpha", type=float, default=DISTIL.alpha,
+                           help=f"weight of the teacher term; 0 = labels only, i.e. rnn (default {DISTIL.alpha:g})")
+            p.add_argument("--kd-loss", choices=("kl", "mse"), default=DISTIL.loss,
+                           help=f"kl on softened probabilities (Hinton) or mse on logits (Tang) "
+                                f"(default {DISTIL.loss})")
             p.add_argument("--augment", type=int, default=None, metavar="N",
                            help=f"N synthetic sentences per training sentence, labelled by the teacher "
-                                f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT}; "
+                                f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT.copies}; "
                                 f"0 with --teacher-logits)")
-            p.add_argument("--mask-prob", type=float, default=0.1, help="augment: mask a word (default 0.1)")
-            p.add_argument("--swap-prob", type=float, default=0.1,
-                           help="augment: swap a word for one of the same kind (default 0.1)")
-            p.add_argument("--ngram-prob", type=float, default=0.25,
-                           help="augment: keep only an n-gram of the sentence (default 0.25)")
-            p.add_argument("--max-ngram", type=int, default=5, help="augment: longest n-gram kept (default 5)")
+            p.add_argument("--mask-prob", type=float, default=AUGMENT.mask_prob,
+                           help=f"augment: mask a word (default {AUGMENT.mask_prob:g})")
+            p.add_argument("--swap-prob", type=float, default=AUGMENT.swap_prob,
+                           help=f"augment: swap a word for one of the same kind (default {AUGMENT.swap_prob:g})")
+            p.add_argument("--ngram-prob", type=float, default=AUGMENT.ngram_prob,
+                           help=f"augment: keep only an n-gram of the sentence (default {AUGMENT.ngram_prob:g})")
+            p.add_argument("--max-ngram", type=int, default=AUGMENT.max_ngram,
+                           help=f"augment: longest n-gram kept (default {AUGMENT.max_ngram})")
             p.add_argument("--teacher-cache", metavar="DIR",
                            help="where the teacher's logits are cached (default TEACHER/teacher_logits, or "
                                 "~/.cache/gpt2-lora-distil/ for a read-only teacher)")
 
-    predict = modes.add_parser("predict", help="classify sentences with a trained checkpoint")
+    predict = modes_.add_parser("predict", help="classify sentences with a trained checkpoint")
     predict.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
     predict.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
     predict.add_argument("--batch-size", type=int, default=64)
@@ -185,7 +198,7 @@ def build_parser():
     add_dtype(predict)
     add_common(predict)
 
-    evaluate = modes.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
+    evaluate = modes_.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
     evaluate.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
     evaluate.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
     evaluate.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="CoLA directory (default data/cola, shipped)")
@@ -195,32 +208,36 @@ def build_parser():
     add_dtype(evaluate)
     add_common(evaluate)
 
-    report = modes.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
-                                                  "(n, mean ± std), sorted by validation MCC, and its plot")
+    report = modes_.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
+                                                   "(n, mean ± std), sorted by validation MCC, and its plot")
     report.add_argument("table", help="e.g. tuning/LoRA.tsv")
     report.add_argument("--plots-dir", default="plots")
 
-    compare = modes.add_parser("compare", help="two runs or two seed sweeps: per-seed best validation MCC, "
-                                               "paired difference with 95%% CI, share of the teacher's MCC")
+    compare = modes_.add_parser("compare", help="two runs or two seed sweeps: per-seed best validation MCC, "
+                                                "paired difference with 95%% CI, share of the teacher's MCC")
     compare.add_argument("run_a", metavar="DIR_A", help="a run's out dir, or a sweep's (--tune \"seed=0,1,2\")")
     compare.add_argument("run_b", metavar="DIR_B", help="the same for the other side; B - A is reported")
     compare.add_argument("--plots-dir", default="plots")
     return parser
 
 
-def add_training(p, out_dir, lr):
+def add_training(p, out_dir):
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="CoLA: release or GLUE .tsv files (default data/cola, "
                                                         "shipped; a directory without them: the nyu-mll/glue hub copy)")
-    p.add_argument("--val-split", default="in", choices=("in", "out", "all"), help="validation set (default in)")
+    p.add_argument("--val-split", default=DataConfig.val_split, choices=("in", "out", "all"),
+                   help=f"validation set (default {DataConfig.val_split})")
     p.add_argument("--out-dir", default=out_dir, help=f"where metrics and weights go (default {out_dir})")
     p.add_argument("--plots-dir", default=None, help="where the PNG plots go (default OUT/plots)")
-    p.add_argument("--epochs", type=int, default=5, help="default 5")
-    p.add_argument("--batch-size", type=int, default=128, help="default 128")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    p.add_argument("--optimizer", choices=("adam", "adamw"), default="adamw", help="default adamw")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="adamw's decoupled weight decay (default 0.01)")
-    p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default 0.06)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    p.add_argument("--epochs", type=int, default=TRAIN.epochs, help=f"default {TRAIN.epochs}")
+    p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help=f"default {TRAIN.batch_size}")
+    p.add_argument("--lr", type=float, default=TRAIN.lr, help=f"peak learning rate (default {TRAIN.lr:g})")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default=TRAIN.optimizer, help=f"default {TRAIN.optimizer}")
+    p.add_argument("--weight-decay", type=float, default=TRAIN.weight_decay,
+                   help=f"adamw's decoupled weight decay (default {TRAIN.weight_decay:g})")
+    p.add_argument("--warmup-ratio", type=float, default=TRAIN.warmup_ratio,
+                   help=f"share of steps warming up (default {TRAIN.warmup_ratio:g})")
+    p.add_argument("--grad-clip", type=float, default=TRAIN.grad_clip,
+                   help=f"max gradient norm, 0 = off (default {TRAIN.grad_clip:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last full epoch")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
@@ -229,7 +246,9 @@ def add_training(p, out_dir, lr):
                         "there to resume an interrupted run)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this call, resumable later (as if killed there)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model: minutes of compiling first, so only for long GPU runs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (CUDA graphs on GPUs; batches padded to multiples of "
+                        "16 tokens so a few graphs serve the run): pays off in long GPU runs only")
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
     p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
@@ -238,20 +257,21 @@ def add_training(p, out_dir, lr):
 
 
 def add_student(p):
-    p.add_argument("--rnn-type", choices=("rnn", "gru", "lstm"), default="rnn", help="default rnn (ReLU)")
-    p.add_argument("--rnn-layers", type=int, default=2, help="default 2")
-    p.add_argument("--rnn-hidden", type=int, default=768, help="default 768")
-    p.add_argument("--rnn-embd", type=int, default=768, help="token embedding size (default 768)")
-    p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--rnn-dropout", type=float, default=0.0, help="dropout between RNN layers (default 0)")
-    p.add_argument("--embd-dropout", type=float, default=EMBD_DROPOUT,
-                   help=f"dropout on the token embeddings (default {EMBD_DROPOUT})")
-    p.add_argument("--head-dropout", type=float, default=HEAD_DROPOUT,
-                   help=f"dropout on the final state, before the classifier (default {HEAD_DROPOUT})")
-    p.add_argument("--embd-weight-decay", type=float, default=EMBD_WEIGHT_DECAY,
-                   help="adamw's weight decay on the token embedding (default: --weight-decay's)"
-                   if EMBD_WEIGHT_DECAY is None else f"adamw's weight decay on the token embedding "
-                                                     f"(default {EMBD_WEIGHT_DECAY})")
+    p.add_argument("--rnn-type", choices=("rnn", "gru", "lstm"), default=STUDENT.rnn_type,
+                   help=f"default {STUDENT.rnn_type} (rnn: ReLU)")
+    p.add_argument("--rnn-layers", type=int, default=STUDENT.n_layers, help=f"default {STUDENT.n_layers}")
+    p.add_argument("--rnn-hidden", type=int, default=STUDENT.hidden, help=f"default {STUDENT.hidden}")
+    p.add_argument("--rnn-embd", type=int, default=STUDENT.n_embd,
+                   help=f"token embedding size (default {STUDENT.n_embd})")
+    p.add_argument("--bidirectional", action="store_true", default=STUDENT.bidirectional)
+    p.add_argument("--rnn-dropout", type=float, default=STUDENT.dropout,
+                   help=f"dropout between RNN layers (default {STUDENT.dropout:g})")
+    p.add_argument("--embd-dropout", type=float, default=STUDENT.embd_dropout,
+                   help=f"dropout on the token embeddings (default {STUDENT.embd_dropout:g})")
+    p.add_argument("--head-dropout", type=float, default=STUDENT.head_dropout,
+                   help=f"dropout on the final state, before the classifier (default {STUDENT.head_dropout:g})")
+    p.add_argument("--embd-weight-decay", type=float, default=TRAIN.embd_weight_decay,
+                   help="adamw's weight decay on the token embedding (default: --weight-decay's)")
     p.add_argument("--init-embeddings", choices=("random", "gpt2"), default="random",
                    help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant), "
                         "projected if sizes differ")
@@ -264,20 +284,19 @@ def validate_gen(args):
     in_range(args, "(0, 1]", "--top-p")
     if not args.greedy and not args.temperature > 0:  # also catches nan
         raise UserError(f"--temperature must be > 0 (got {args.temperature}); for deterministic output use --greedy")
-    if args.prompt == "-":
-        args.prompt = sys.stdin.read()
-    if not args.prompt.strip():
-        raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - and text on stdin)")
 
 
 def run_gen(args):
     import torch
     from utils import encode, print_samples, resolve_device, seed_everything
     validate_gen(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass --prompt TEXT (or --prompt - and text on stdin)")
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model = train_utils.load_gpt(args, device)
-    prompt_ids = encode(args.prompt)
+    model = modes.GPTSource(args.weights, args.gpt_variant).load(device)
+    prompt_ids = encode(prompt)
     if len(prompt_ids) > model.config.block_size:
         info(f"note: the prompt has {len(prompt_ids)} tokens; only its last {model.config.block_size} are used")
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
@@ -286,14 +305,22 @@ def run_gen(args):
         model.forward = torch.compile(model.forward, dynamic=True)
     stream = model.generate_stream(idx, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, generator=generator,
-                                   use_cache=not args.no_cache)
-    # bf16 on CUDA: tensor cores and half the bytes per activation. It changes the
+                                   stop_token=EOT_TOKEN, use_cache=not args.no_cache)
+    # bf16 on CUDA: tensor cores and half the bytes per weight read. It changes the
     # numerics, so a greedy continuation can differ from float32's: --dtype float32.
-    with train_utils.autocast_for(device, args.dtype, matrix_bound=False):
-        print_samples(args.prompt, stream, args.num_samples)
+    precision = resolve_precision(device, args.dtype, matrix_bound=False)
+    with tf32_products(precision), autocast_for(device, precision):
+        print_samples(prompt, stream, args.num_samples)
 
 
 # --- Training modes: LoRA, rnn, distil ---------------------------------------
+
+def augment_copies(args):
+    """--augment as given, else its default: none from a logits file (nothing can label them)."""
+    if args.augment is not None:
+        return args.augment
+    return 0 if args.teacher_logits else AUGMENT.copies
+
 
 def validate_training(args):
     """Check the flags of a training mode: all of them, before any file is read."""
@@ -302,11 +329,10 @@ def validate_training(args):
     in_range(args, "[0, 1)", "--warmup-ratio")
     in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
     if args.mode == "LoRA":
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            raise UserError(f"unknown --lora-targets {','.join(bad) or '(empty)'}; "
-                            f"choose from {','.join(LORA_TARGETS)}")
+        try:
+            lora_targets(args.lora_targets)
+        except ValueError as e:
+            raise UserError(f"--lora-targets: {e}") from None
         in_range(args, "[1, inf)", "--lora-rank")
         in_range(args, "(0, inf)", "--lora-alpha")
         in_range(args, "[0, 1)", "--lora-dropout")
@@ -316,34 +342,90 @@ def validate_training(args):
     in_range(args, "[0, inf)", "--embd-weight-decay")
     if args.mode != "distil":
         return
-    if args.augment is None:
-        args.augment = 0 if args.teacher_logits else AUGMENT
     in_range(args, "(0, inf)", "--kd-temperature")
     in_range(args, "[0, 1]", "--kd-alpha", "--mask-prob", "--swap-prob", "--ngram-prob")
     in_range(args, "[0, inf)", "--augment")
     in_range(args, "[1, inf)", "--max-ngram")
     if args.mask_prob + args.swap_prob > 1:
         raise UserError("--mask-prob + --swap-prob must be <= 1: a word is masked or swapped, not both")
-    if args.augment and args.teacher_logits:
+    if augment_copies(args) and args.teacher_logits:
         raise UserError("--augment needs a teacher to label the synthetic sentences; --teacher-logits gives only "
                         "the training sentences' logits: pass --teacher DIR, or --augment 0")
-    if args.augment and args.kd_alpha == 0:
+    if augment_copies(args) and args.kd_alpha == 0:
         raise UserError("--augment with --kd-alpha 0: synthetic sentences have no gold label, so they would teach "
                         "nothing; raise --kd-alpha or pass --augment 0")
 
 
+# --- flags -> typed configs (each default lives in its dataclass) ------------
+
+def settings_of(args):
+    """The flags as they ran (metrics.json's "args"), defaults resolved."""
+    settings = {k: v for k, v in vars(args).items() if k != "mode"}
+    if args.mode == "distil":
+        settings["augment"] = augment_copies(args)
+    return settings
+
+
+def run_config(args):
+    settings = settings_of(args)
+    return RunConfig(out_dir=args.out_dir, plots_dir=args.plots_dir, resume=args.resume, overwrite=args.overwrite,
+                     stop_after=args.stop_after, compile=args.compile, keep_resume_state=args.keep_resume_state,
+                     progress=not args.no_progress, settings=settings,
+                     signature={"mode": args.mode, **{k: v for k, v in settings.items() if k not in RUN_CONTROL}},
+                     signature_defaults=ADDED_SETTINGS)
+
+
+def train_config(args):
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
+                       seed=args.seed, embd_weight_decay=getattr(args, "embd_weight_decay", None), dtype=args.dtype)
+
+
+def lora_config(args):
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=lora_targets(args.lora_targets), train_layernorm=args.train_layernorm)
+
+
+def student_config(args):
+    return RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type, n_layers=args.rnn_layers,
+                     hidden=args.rnn_hidden, bidirectional=args.bidirectional, dropout=args.rnn_dropout,
+                     embd_dropout=args.embd_dropout, head_dropout=args.head_dropout)
+
+
+def distil_config(args):
+    augment = AugmentConfig(copies=augment_copies(args), mask_prob=args.mask_prob, swap_prob=args.swap_prob,
+                            ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
+    teacher = args.teacher or (None if args.teacher_logits else DISTIL.teacher)
+    return DistilConfig(teacher=teacher, teacher_logits=args.teacher_logits, teacher_cache=args.teacher_cache,
+                        alpha=args.kd_alpha, temperature=args.kd_temperature, loss=args.kd_loss, augment=augment)
+
+
 def run_training(args):
-    """A training mode: check every flag, claim and lock --out-dir, then run."""
+    """A training mode: check every flag, claim and lock --out-dir, then build the
+    mode's task from its configs and train it."""
     from utils import is_main_process, lock_dir
     validate_training(args)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} is a file; pass a directory")
+    run = run_config(args)
     if not is_main_process():  # rank 0 claims the directory for every rank
-        return RUNNERS[args.mode](args)
-    from train_utils import claim_out_dir
+        return train_mode(args, run)
     with lock_dir(args.out_dir):
-        claim_out_dir(args)
-        return RUNNERS[args.mode](args)
+        claim_out_dir(run)
+        return train_mode(args, run)
+
+
+def train_mode(args, run):
+    device = modes.prepare(args.device, args.seed)
+    gpt, data = modes.GPTSource(args.weights, args.gpt_variant), DataConfig(args.data_dir, args.val_split)
+    if args.mode == "LoRA":
+        task = modes.lora(gpt, lora_config(args), data, device, args.dtype)
+    elif args.mode == "rnn":
+        task = modes.rnn(student_config(args), data, device, args.seed, gpt, args.init_embeddings)
+    else:
+        task = modes.distil(distil_config(args), student_config(args), data, device, args.seed, args.dtype, gpt,
+                            args.init_embeddings, run.progress)
+    return modes.train(args.mode, task, run, train_config(args), device)
 
 
 # --- predict and eval --------------------------------------------------------
@@ -367,13 +449,18 @@ def read_sentences(args):
 
 def run_predict(args):
     sentences = read_sentences(args)
-    for sentence, p in zip(sentences, train_utils.predict(args, sentences)):
+    probabilities = modes.predict(args.checkpoint, sentences, args.device, args.dtype, args.weights, args.batch_size)
+    for sentence, p in zip(sentences, probabilities):
         print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
 
 
-RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": train_utils.evaluate_checkpoint,
-           "LoRA": train_utils.train_lora, "rnn": train_utils.train_rnn, "distil": train_utils.train_distil,
-           "tune-report": tune.run_tune_report, "compare": tune.run_compare}
+def run_eval(args):
+    modes.evaluate_checkpoint(args.checkpoint, DataConfig(args.data_dir, args.val_split), args.output, args.device,
+                              args.dtype, args.weights, args.batch_size)
+
+
+RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "LoRA": run_training, "rnn": run_training,
+           "distil": run_training, "tune-report": tune.run_tune_report, "compare": tune.run_compare}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 
@@ -384,15 +471,13 @@ def main(argv=None):
         if args.mode in TRAINING_MODES and args.tune:
             validate_training(args)
             tune.run_tune(args, argv, build_parser(), run_training, RUN_CONTROL)
-        elif args.mode in TRAINING_MODES:
-            run_training(args)
         else:
             RUNNERS[args.mode](args)
-    except (UserError, WeightsError, CheckpointError) as e:
+    except (UserError, WeightsError, CheckpointError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted) as e:
-        print(f"error: {e or 'interrupted'}", file=sys.stderr)
+        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `python run.py gen | head`
         return 0

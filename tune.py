@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+from rundir import best_record, pyplot, read_metrics, save_figure
 from utils import DirectoryLocked, UserError, info
 
 TUNE_COLUMNS = ("settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir", "fixed")
@@ -174,7 +175,6 @@ def distinct_labels(keys):
 def run_tune_report(args):
     """The table of a sweep, rows that differ only in the seed grouped into one line
     with n and mean +- std, best mean validation MCC first; and its plot."""
-    from train_utils import plot_tuning
     rows = read_table(args.table)
     if not rows or not {"settings", "val_mcc", "val_acc"} <= set(rows[0]):
         raise UserError(f"{args.table} is not a tuning table written by --tune (no settings/val_mcc rows)")
@@ -210,25 +210,6 @@ def run_tune_report(args):
 # compare
 # ---------------------------------------------------------------------------
 
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; pass a run's --out-dir or a sweep's") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON ({e})") from None
-
-
-def best_record(metrics):
-    """The best epoch's record (the epoch chosen on the validation set, by MCC)."""
-    try:
-        return metrics["epochs"][metrics["best_epoch"] - 1]
-    except (KeyError, IndexError, TypeError):
-        raise UserError("a metrics.json without finished epochs: let the run finish (or --resume it)") from None
-
-
 def runs_by_seed(path):
     """{seed: metrics} of a run directory, or of every run in a sweep directory
     (its subdirectories), which must differ in nothing but the seed."""
@@ -261,7 +242,6 @@ def run_compare(args):
     """Two runs or seed sweeps side by side: per-seed best validation MCC and
     accuracy, the paired difference (B - A) with its 95% interval, each one's share
     of the teacher's MCC; and a plot."""
-    from train_utils import plot_compare
     name_a, name_b = (os.path.basename(os.path.normpath(p)) for p in (args.run_a, args.run_b))
     if name_a == name_b:
         name_a, name_b = args.run_a, args.run_b
@@ -305,3 +285,42 @@ def run_compare(args):
 
 def safe_name(text):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "run"
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+def plot_tuning(rows, path, title):
+    """Mean best validation MCC of every setting of a sweep (+- std over seeds), best
+    on top; the figure grows with the longest setting so no label is clipped."""
+    plt = pyplot()
+    rows = sorted(rows, key=lambda r: r["val_mcc"])
+    labels = [f"{r['settings']} (n={r['n']})" for r in rows]
+    width = 5 + 0.09 * max(len(label) for label in labels)
+    fig, ax = plt.subplots(figsize=(width, 0.4 * len(rows) + 1.5))
+    ax.barh(labels, [r["val_mcc"] for r in rows], xerr=[r["val_mcc_std"] for r in rows], color="tab:blue",
+            capsize=3)
+    ax.set_xlabel("best validation MCC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    save_figure(plt, fig, path)
+
+
+def plot_compare(seeds, mcc_a, mcc_b, name_a, name_b, teacher_mcc, path):
+    """Best validation MCC per seed of two runs, paired seeds joined by a line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for x, y in zip(mcc_a, mcc_b):
+        ax.plot([0, 1], [x, y], "-", color="0.7", zorder=1)
+    ax.scatter([0] * len(mcc_a), mcc_a, label=name_a, zorder=2)
+    ax.scatter([1] * len(mcc_b), mcc_b, label=name_b, zorder=2)
+    if teacher_mcc is not None:
+        ax.axhline(teacher_mcc, color="tab:red", linestyle="--", label="teacher")
+    ax.set_xticks([0, 1], [name_a, name_b])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel("best validation MCC")
+    ax.set_title(f"{len(seeds)} paired seed(s)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(plt, fig, path)

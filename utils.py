@@ -2,10 +2,12 @@
 seeding, devices and torchrun helpers. Never imports model.py."""
 import csv
 import hashlib
+import json
 import os
 import random
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -165,6 +167,7 @@ def one_line(error):
 # ---------------------------------------------------------------------------
 
 EOT_TOKEN = 50256    # <|endoftext|>: ends a text, pads batches, and stands in for an unknown word
+EOT_TEXT = "<|endoftext|>"  # GPT-2 has no mask or unknown token: this one stands in for a masked word
 VOCAB_SIZE = 50257   # 50,000 merges + 256 byte tokens + <|endoftext|>
 
 # sha256 of OpenAI's GPT-2 BPE files, the same values tiktoken checks after a download.
@@ -322,6 +325,12 @@ def read_cola_tsv(path):
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cola")
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = DEFAULT_DATA_DIR   # CoLA release or GLUE .tsv files (shipped: data/cola)
+    val_split: str = "in"              # in | out | all
+
+
 def _first_bad_utf8_line(path):
     """Number of the first line of path that is not valid UTF-8 (the decoder only
     knows an offset within the chunk it was given)."""
@@ -437,10 +446,15 @@ class TokenizedSplit:
     """A split tokenized once, ready to be cut into length-grouped batches."""
 
     def __init__(self, split: Split, max_len=1024, tokens=None):
-        self.split = split
+        self.split, self.max_len = split, max_len
         self.labels = torch.tensor(split.labels, dtype=torch.long)
         self.tokens = [encode(s) for s in split.sentences] if tokens is None else tokens
         self.tokens = self._cropped(max_len)
+
+    @classmethod
+    def of_texts(cls, texts, max_len=1024, source="input"):
+        """Unlabelled sentences (label 0 stands in) to classify."""
+        return cls(Split(list(texts), [0] * len(texts), source), max_len)
 
     def _cropped(self, max_len):
         """Sentences longer than max_len keep their last max_len tokens: the
@@ -452,23 +466,24 @@ class TokenizedSplit:
             return [t[-max_len:] for t in self.tokens]
         return self.tokens
 
-    def cropped(self, max_len):
-        """The same split for a model whose context holds only max_len tokens."""
-        return TokenizedSplit(self.split, max_len, tokens=self.tokens)
-
     def __len__(self):
         return len(self.tokens)
 
-    def make_batch(self, rows):
+    def make_batch(self, rows, pad_to=1):
+        """The sentences of rows, right-padded with end-of-text to the longest, rounded
+        up to a multiple of pad_to (a compiled model then meets a few shapes, not one
+        per length; the models read each row up to its length, so pads change nothing)."""
         lengths = [len(self.tokens[r]) for r in rows]
-        idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)
+        width = min(-(-max(lengths) // pad_to) * pad_to, max(self.max_len, max(lengths)))
+        idx = torch.full((len(rows), width), EOT_TOKEN, dtype=torch.long)
         for i, r in enumerate(rows):
             idx[i, :lengths[i]] = torch.tensor(self.tokens[r])
         rows = torch.tensor(rows, dtype=torch.long)
         return Batch(idx, torch.tensor(lengths), self.labels[rows], rows)
 
-    def batches(self, batch_size, shuffle=False, generator=None, bucket_batches=50):
-        """Batches of similar-length sentences, padded only to the batch's longest.
+    def batches(self, batch_size, shuffle=False, generator=None, bucket_batches=50, pad_to=1):
+        """Batches of similar-length sentences, padded only to the batch's longest
+        (rounded up to a multiple of pad_to).
 
         Shuffled: a random permutation is cut into buckets of bucket_batches
         batches, each bucket sorted by length and cut into batches, and the
@@ -478,7 +493,7 @@ class TokenizedSplit:
         length_of = lambda r: len(self.tokens[r])  # noqa: E731
         if not shuffle:
             order = sorted(range(n), key=length_of)
-            return [self.make_batch(order[i:i + batch_size]) for i in range(0, n, batch_size)]
+            return [self.make_batch(order[i:i + batch_size], pad_to) for i in range(0, n, batch_size)]
         perm = torch.randperm(n, generator=generator).tolist()
         bucket = batch_size * bucket_batches
         groups = []
@@ -486,7 +501,7 @@ class TokenizedSplit:
             chunk = sorted(perm[start:start + bucket], key=length_of)
             groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = torch.randperm(len(groups), generator=generator).tolist()
-        return [self.make_batch(groups[i]) for i in order]
+        return [self.make_batch(groups[i], pad_to) for i in order]
 
 
 # ---------------------------------------------------------------------------
@@ -592,3 +607,41 @@ def augment(sentences, cfg: AugmentConfig):
                 new = [("", new[start][1])] + new[start + 1:start + n]
             out.append(Synthetic(new))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Files a run writes: atomically, readable by all
+# ---------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash leaves the old file whole.
+    The file gets the mode a plain open() would give (mkstemp's is 0600, and
+    libraries that replace the file, as safetensors does, drop a chmod made before)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def save_tensors(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from cola import STUDENT, SUBSET_ROWS, assert_error, cli, common, lora_subset_run, subset_dir
 from model import DistilRNN, RNNConfig
-from train_utils import DistilLoss, accuracy, distillation_loss, evaluate, load_classifier, load_student
+from checkpoints import load_classifier, load_student
+from distil import DistilConfig, DistilLoss
+from train_utils import accuracy, distillation_loss, evaluate
 from utils import Split, TokenizedSplit, encode, load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -146,7 +148,7 @@ def test_teacher_logits_follow_the_rows_of_shuffled_batches():
     sentences = [f"Sentence {'very ' * (i % 5)}number {i}." for i in range(20)]
     train = TokenizedSplit(Split(sentences, [i % 2 for i in range(20)], "train"))
     logits = torch.randn(20, 2)
-    loss_fn = DistilLoss(logits, alpha=0.7, temperature=3.0, kind="kl")
+    loss_fn = DistilLoss(logits, DistilConfig(alpha=0.7, temperature=3.0, loss="kl"))
     batches = train.batches(6, shuffle=True, generator=torch.Generator().manual_seed(1), bucket_batches=1)
     for batch in batches:
         student = torch.randn(len(batch.labels), 2)
@@ -209,9 +211,8 @@ def test_distil_with_alpha_zero_reproduces_rnn(data, teacher, tmp_path, capsys):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # both runs side by side: the comparison plot
-    with open(tmp_path / "plots" / "rnn_vs_distil.png", "rb") as f:
-        assert f.read(4) == b"\x89PNG"
+    # no implicit rnn-vs-distil plot pairing whatever runs sit side by side: compare names its runs
+    assert not (tmp_path / "plots" / "rnn_vs_distil.png").exists()
     # and the teacher does change training once it has weight
     code, _, err = cli(capsys, *distil_args(data, teacher, tmp_path / "kd", tmp_path, "--kd-alpha", "0.5"))
     assert code == 0, err
@@ -276,7 +277,9 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
 
 def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
-    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
+    # float32, pinned: the cache is compared with the teacher's own float32 logits below
+    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite",
+                       "--dtype", "float32")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     assert err.count("running the teacher") == 2  # train and validation, once each
@@ -399,30 +402,39 @@ def test_teacher_with_short_context_and_long_sentences(teacher, tmp_path, capsys
     assert code == 0, err
 
 
-def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher, tmp_path, capsys, monkeypatch):
+def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher, tmp_path, capsys):
     """Runs with other --val-split values share the teacher's training logits and keep
-    each other's validation logits; logits made in another precision are not reused."""
-    import train_utils
-    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
+    each other's validation logits; logits made in another precision are not reused.
+    --dtype reaches the teacher, and metrics.json says what precision it ran in."""
+    args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite",
+                       "--dtype", "float32")
     for val_split, computed in (("in", 2), ("out", 1), ("in", 0), ("out", 0)):
         code, _, err = cli(capsys, *args, "--val-split", val_split)
         assert code == 0, err
         assert err.count("running the teacher") == computed, (val_split, err)
     assert len(cache_files(teacher)) == 3  # train, val in, val out
-    # the same teacher under bf16 autocast (as on a GPU): its own files; the float32 ones stay
-    monkeypatch.setattr(train_utils, "precision_of", lambda device, dtype="auto": "bf16-autocast")
-    code, _, err = cli(capsys, *args)
+    float32_logits = {name.split("-")[0]: np.load(os.path.join(teacher, "teacher_logits", name))
+                      for name in cache_files(teacher) if "val" not in name}
+    # the same teacher under bf16 autocast (any machine: --dtype forces it): a key of its own,
+    # so the float32 files of this teacher are replaced, never read as bf16 ones
+    code, _, err = cli(capsys, *args[:-1], "bfloat16")
     assert code == 0, err
     assert err.count("running the teacher") == 2
-    assert len({name.split("-")[1] for name in cache_files(teacher)}) == 1  # the other teacher key's files went
-    monkeypatch.undo()
+    assert len({name.split("-")[1] for name in cache_files(teacher)}) == 1  # the other key's files went
+    metrics = read_metrics(tmp_path / "distil")
+    assert metrics["teacher"]["precision"] == metrics["environment"]["precision"] == "bf16-autocast"
+    bf16_logits = {name.split("-")[0]: np.load(os.path.join(teacher, "teacher_logits", name))
+                   for name in cache_files(teacher) if "val" not in name}
+    assert not np.array_equal(bf16_logits["train"], float32_logits["train"])  # really computed in bf16
     code, _, err = cli(capsys, *args)
     assert err.count("running the teacher") == 2  # float32 again: recomputed, never read from bf16 files
+    metrics = read_metrics(tmp_path / "distil")
+    assert metrics["teacher"]["precision"] == metrics["environment"]["precision"] == "float32"
 
 
 def test_lora_teacher_key_follows_its_base(tmp_path, tiny_ckpt, tmp_path_factory):
     """The key covers the base the adapter was trained on (a changed base file changes it)."""
-    from train_utils import LoRATeacher
+    from distil import LoRATeacher
     run = lora_subset_run(tmp_path_factory, tiny_ckpt.path)
     base = shutil.copytree(tiny_ckpt.path, tmp_path / "base")
     first = LoRATeacher(run, str(base)).key()

@@ -193,16 +193,17 @@ def test_long_prompt_past_window_sampling_cache_equals_no_cache(tiny_gpt):
 # -- stopping ---------------------------------------------------------------
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_stops_at_endoftext_by_default(eot_ckpt, greedy):
+def test_stops_at_the_stop_token(eot_ckpt, greedy):
     gpt = GPT.from_pretrained(eot_ckpt.path)
     idx = rand_ids(5, batch=2, seed=19)
     # the reference agrees that EOT is what comes next
     assert (hf_logits(eot_ckpt.hf, idx)[:, -1].argmax(-1) == EOT).all()
-    out = gpt.generate(idx, 20, greedy=greedy, generator=torch.Generator().manual_seed(0))
+    out = gpt.generate(idx, 20, greedy=greedy, stop_token=EOT, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 6)  # one step, then every row has stopped
     assert out[:, -1].tolist() == [EOT, EOT]
     # without a stop token it keeps going for the full max_new_tokens
     assert gpt.generate(idx, 20, greedy=greedy, stop_token=None).shape == (2, 25)
+    assert gpt.generate(idx, 20, greedy=greedy).shape == (2, 25)  # none is the default: the tokenizer owns EOT
 
 
 def _first_new_token_at(seq, k):

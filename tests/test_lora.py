@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import EOT, TINY
-from model import (GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, Linear, LoRALinear, add_lora,
-                   lora_layers)
-from train_utils import TrainConfig, fit, save_lora_adapter, set_trainable
+from checkpoints import save_lora_adapter
+from model import (GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, Linear, LoRAConfig, LoRALinear, add_lora,
+                   lora_layers, set_trainable)
+from train_utils import TrainConfig, fit
 from utils import Split, TokenizedSplit, encode
 
 # transformers 5 warns about its own deprecated name when PEFT wraps a model
@@ -268,8 +269,8 @@ def test_logits_equal_peft(tiny_ckpt, tmp_path, case):
 
     # 2. our export, in PEFT's own file format, loaded by PEFT
     save_lora_adapter(ours, str(tmp_path / "adapter"), tiny_ckpt.path,
-                      dict(rank=rank, alpha=alpha, dropout=0.0, targets=list(targets),
-                           train_layernorm=train_layernorm))
+                      LoRAConfig(rank=rank, alpha=alpha, dropout=0.0, targets=tuple(targets),
+                                 train_layernorm=train_layernorm))
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     reference = peft.get_peft_model_state_dict(wrapped)
     assert set(exported) == set(reference)
@@ -281,7 +282,7 @@ def test_logits_equal_peft(tiny_ckpt, tmp_path, case):
     assert (logits - expected).abs().max() < 1e-4
 
     # 3. and back: our loader rebuilds the same classifier from the adapter directory
-    from train_utils import load_lora_classifier
+    from checkpoints import load_lora_classifier
     rebuilt, base = load_lora_classifier(str(tmp_path / "adapter"))
     assert base == tiny_ckpt.path
     with torch.no_grad():
@@ -291,7 +292,7 @@ def test_logits_equal_peft(tiny_ckpt, tmp_path, case):
 def test_merged_layer_refuses_training_and_loading(tiny_ckpt):
     """A merged layer skips the adapter path (no gradient for A and B), and loading new
     A/B into it would make unmerge() subtract an update the base never got."""
-    from train_utils import CheckpointError, load_into
+    from checkpoints import CheckpointError, load_into
     classifier = fresh_classifier(tiny_ckpt.path)
     randomize(classifier)
     layer = lora_layers(classifier)[0]
@@ -321,7 +322,7 @@ def test_frozen_base_stored_in_bf16_equals_autocast_casting_it(tiny_ckpt):
     """Storing the frozen weights in bf16 once gives exactly what autocast computes
     when it casts the float32 weights at every product, and leaves what is trained
     (and so the optimizer's state) in float32."""
-    from train_utils import store_frozen_in_bf16
+    from model import store_frozen_in_bf16
     cast_each_time = fresh_classifier(tiny_ckpt.path)
     randomize(cast_each_time)
     stored = fresh_classifier(tiny_ckpt.path)
@@ -338,7 +339,7 @@ def test_frozen_base_stored_in_bf16_equals_autocast_casting_it(tiny_ckpt):
 def test_bf16_training_stays_close_to_float32(tiny_ckpt):
     """Two epochs with --dtype bfloat16 (stored base, autocast) track float32's:
     same trained parameters in float32, losses within bf16's rounding."""
-    from train_utils import store_frozen_in_bf16
+    from model import store_frozen_in_bf16
     data, histories, trained = tiny_task(), {}, {}
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
@@ -356,14 +357,32 @@ def test_bf16_training_stays_close_to_float32(tiny_ckpt):
 
 
 def test_precision_policy(monkeypatch):
-    """auto: bf16 on CUDA, and on a CPU with AMX for batched work only (never gen's
-    decoding); a CPU without AMX stays float32; float32/bfloat16 force one."""
+    """auto: TF32 products on CUDA for batched work and bf16 for gen's decoding; on a
+    CPU bf16 with AMX for batched work only (never gen's decoding), float32 without;
+    float32/tf32/bfloat16 force one, and tf32 is float32 off CUDA."""
     import train_utils
+    resolve = train_utils.resolve_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for amx in (False, True):
         monkeypatch.setattr(train_utils, "has_amx", lambda: amx)
-        assert train_utils.uses_bf16(cpu) == amx
-        assert not train_utils.uses_bf16(cpu, matrix_bound=False)
-        assert train_utils.uses_bf16(cuda) and train_utils.uses_bf16(cuda, matrix_bound=False)
+        assert resolve(cpu) == ("bfloat16" if amx else "float32")
+        assert resolve(cpu, matrix_bound=False) == "float32"
+        assert resolve(cuda) == "tf32" and resolve(cuda, matrix_bound=False) == "bfloat16"
         for device in (cpu, cuda):
-            assert train_utils.uses_bf16(device, "bfloat16") and not train_utils.uses_bf16(device, "float32")
+            for forced in ("float32", "bfloat16"):
+                assert resolve(device, forced) == resolve(device, forced, matrix_bound=False) == forced
+        assert resolve(cuda, "tf32") == "tf32" and resolve(cpu, "tf32") == "float32"
+    assert train_utils.precision_of(cpu, "bfloat16") == "bf16-autocast"
+    assert train_utils.precision_of(cuda, "auto") == "tf32"
+
+
+def test_tf32_switch_is_set_for_the_pass_and_restored():
+    """tf32 is a global cuBLAS switch, not a cast: on inside the pass, as it was after."""
+    import train_utils
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with train_utils.tf32_products("tf32"):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with train_utils.tf32_products("float32"):
+        assert matmul.fp32_precision == before

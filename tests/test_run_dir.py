@@ -3,7 +3,7 @@ finished, and never a finished run replaced or two runs interleaved by accident.
 import json
 import os
 
-import train_utils
+import rundir
 from cola import STUDENT, assert_error, cli, subset_dir
 from utils import lock_dir
 
@@ -34,7 +34,10 @@ def test_a_finished_run_is_never_replaced_by_accident(tmp_path, tmp_path_factory
     assert code == 0, err
     before = {name: os.stat(out / name).st_mtime_ns for name in ("metrics.json", "student.safetensors")}
     code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, out, "--lr", "0.01"))
-    assert_error(code, stdout, err, str(out), "already holds a run", "--resume", "--overwrite")
+    assert_error(code, stdout, err, str(out), "already holds a run", "--overwrite")
+    assert "--resume" not in err  # a finished run has nothing to resume: one piece of advice, --overwrite
+    code, stdout, err = cli(capsys, *rnn_argv(tmp_path_factory, out, "--resume"))
+    assert_error(code, stdout, err, "is complete", "--overwrite")
     assert {name: os.stat(out / name).st_mtime_ns for name in before} == before
     # --overwrite replaces it
     code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out, "--lr", "0.01", "--overwrite"))
@@ -68,12 +71,13 @@ def test_sweep_runs_follow_the_same_rules(tmp_path, tmp_path_factory, capsys):
 
 def test_one_epoch_plot_has_room_and_integer_ticks(monkeypatch, tmp_path):
     figures = []
-    monkeypatch.setattr(train_utils, "_save_figure", lambda plt, fig, path: figures.append(fig))
+    monkeypatch.setattr(rundir, "save_figure", lambda plt, fig, path: figures.append(fig))
     record = {"epoch": 1, "train_loss": 0.6, "val_loss": 0.6, "train_acc": 0.7, "val_acc": 0.7, "train_mcc": 0.0,
               "val_mcc": 0.1}
-    train_utils.plot_history([record], str(tmp_path / "one.png"), "one epoch")
+    rundir.plot_history({"epochs": [record], "best_epoch": 1}, str(tmp_path / "one.png"), "one epoch")
     for ax in figures[0].axes:
         assert ax.get_xlim() == (0.0, 2.0)
-    train_utils.plot_history([{**record, "epoch": e} for e in range(1, 8)], str(tmp_path / "seven.png"), "seven")
+    rundir.plot_history({"epochs": [{**record, "epoch": e} for e in range(1, 8)], "best_epoch": 3},
+                        str(tmp_path / "seven.png"), "seven")
     ticks = [t for t in figures[1].axes[0].get_xticks() if 1 <= t <= 7]
     assert ticks and all(float(t).is_integer() for t in ticks)

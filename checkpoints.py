@@ -1,0 +1,156 @@
+"""Trained classifiers on disk: LoRA adapters in PEFT's format (peft loads them
+onto transformers' GPT2ForSequenceClassification), students as safetensors with a
+JSON of their settings, and one loader for a run directory of any mode."""
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, lora_layers,
+                   merge_lora, set_trainable)
+from utils import gpt2_directory, one_line, save_json, save_tensors
+
+PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit the model it is loaded into."""
+
+
+def trainable_state(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def peft_name(name):
+    """Our GPTClassifier parameter name -> the key PEFT saves for the same tensor
+    when it wraps transformers.GPT2ForSequenceClassification."""
+    name = name.removeprefix("gpt.")
+    if name.endswith((".lora_A", ".lora_B")):
+        name += ".weight"
+    return PEFT_PREFIX + name
+
+
+def save_lora_adapter(classifier, adapter_dir, base, lora: LoRAConfig):
+    """Write adapter_config.json + adapter_model.safetensors as PEFT does, so that
+    peft.PeftModel.from_pretrained(GPT2ForSequenceClassification(base), adapter_dir)
+    reproduces our classifier."""
+    tensors = {peft_name(name): p for name, p in trainable_state(classifier).items()}
+    save_tensors(os.path.join(adapter_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
+    modules_to_save = ["score"] + (list(LAYERNORMS) if lora.train_layernorm else [])
+    save_json(os.path.join(adapter_dir, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base,
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+        "target_modules": list(lora.targets), "modules_to_save": modules_to_save,
+        # GPT-2's checkpoints store these layers as Conv1D, (in, out)
+        "fan_in_fan_out": True, "bias": "none", "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    })
+
+
+def find_adapter_dir(checkpoint):
+    for candidate in (os.path.join(checkpoint, "adapter"), checkpoint):
+        if os.path.isfile(os.path.join(candidate, "adapter_config.json")):
+            return candidate
+    return None
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; is this {what}?") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); re-run training to write it again") from None
+
+
+def read_tensors(path):
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing; re-run training to write it")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt ({one_line(e)[:120]}); "
+                              "re-run training to write it again") from None
+
+
+def load_lora_classifier(adapter_dir, weights=None):
+    """Rebuild a LoRA classifier from a PEFT adapter dir; the base comes from
+    weights (a local directory) or else from the adapter's base_model_name_or_path."""
+    config = read_json(os.path.join(adapter_dir, "adapter_config.json"), "a LoRA adapter directory")
+    if config.get("peft_type") != "LORA" or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CheckpointError(f"{adapter_dir}: only plain LoRA adapters (one rank, one alpha) are supported")
+    base = weights or config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{adapter_dir}/adapter_config.json names no base model; pass --weights DIR")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    gpt = GPT.from_pretrained(gpt2_directory(base))
+    try:
+        add_lora(gpt, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{adapter_dir}/adapter_config.json: {e}") from None
+    classifier = set_trainable(GPTClassifier(gpt), train_layernorm="ln_1" in (config.get("modules_to_save") or []))
+    tensors = read_tensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    load_into(classifier, {peft_name(n): n for n in trainable_state(classifier)}, tensors, adapter_dir, base)
+    return classifier.eval(), base
+
+
+def load_into(model, key_to_param, tensors, source, base=None):
+    """Copy tensors (keyed as saved) into model's parameters, with clear errors."""
+    if any(layer.merged for layer in lora_layers(model)):
+        raise CheckpointError(f"cannot load {source} into merged LoRA layers; unmerge them first")
+    params = dict(model.named_parameters())
+    missing = [k for k in key_to_param if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]})")
+    with torch.no_grad():
+        for key, name in key_to_param.items():
+            if tensors[key].shape != params[name].shape:
+                hint = f"; it was trained on another base than {base}: pass the --weights it was trained with" \
+                    if base else ""
+                raise CheckpointError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                                      f"{tuple(params[name].shape)}{hint}")
+            params[name].copy_(tensors[key])
+
+
+def save_student(student, out_dir, extra=None):
+    save_tensors(os.path.join(out_dir, "student.safetensors"), student.state_dict())
+    save_json(os.path.join(out_dir, "student.json"), {"kind": "DistilRNN", "config": asdict(student.config),
+                                                      **(extra or {})})
+
+
+def load_student(out_dir):
+    settings = read_json(os.path.join(out_dir, "student.json"), "an rnn/distil run directory")
+    try:
+        student = DistilRNN(RNNConfig.from_dict(settings["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{out_dir}/student.json is corrupt ({e})") from None
+    tensors = read_tensors(os.path.join(out_dir, "student.safetensors"))
+    load_into(student, {n: n for n in student.state_dict()}, tensors, os.path.join(out_dir, "student.safetensors"))
+    return student.eval()
+
+
+def load_classifier(checkpoint, weights=None, merge=False):
+    """A trained classifier from a run directory of any mode (or an adapter dir).
+    merge=True folds LoRA adapters into the base weights: inference at the cost of
+    the plain model. Returns (model, description)."""
+    if os.path.isfile(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint} is a file; pass the run's directory (its --out-dir)")
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+    adapter_dir = find_adapter_dir(checkpoint)
+    if adapter_dir is not None:
+        model, base = load_lora_classifier(adapter_dir, weights)
+        if merge:
+            merge_lora(model)
+        return model, f"GPT-2 + LoRA ({base}{', merged' if merge else ''})"
+    if os.path.isfile(os.path.join(checkpoint, "student.json")):
+        return load_student(checkpoint), "DistilRNN"
+    raise CheckpointError(f"{checkpoint} holds no checkpoint (neither adapter/adapter_config.json from LoRA "
+                          "nor student.json from rnn/distil)")
+
+

@@ -1,0 +1,343 @@
+"""Distillation, read top-down: its settings, the loss against the teacher's logits,
+the teachers (a LoRA run, or any Hugging Face classifier with its own tokenizer),
+their logits cache, and the transfer set (the training sentences, then synthetic
+ones labelled by the teacher; Tang et al. 2019)."""
+import hashlib
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoints import CheckpointError, find_adapter_dir, load_lora_classifier, read_json
+from model import _checkpoint_files
+from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
+                         resolve_precision, tf32_products)
+from utils import (EOT_TEXT, AugmentConfig, Split, TokenizedSplit, atomic_write, augment, barrier, encode,
+                   gpt2_directory, info, is_main_process, one_line, sha256_of_file)
+
+
+@dataclass
+class DistilConfig:
+    teacher: str = "runs/LoRA"     # a LoRA run's out dir or a Hugging Face classifier directory
+    teacher_logits: str = None     # or a .npy of the training sentences' logits (then no teacher, no augmentation)
+    teacher_cache: str = None      # default: next to the teacher, or the user's cache for a read-only one
+    alpha: float = 0.5             # weight of the teacher term; 0 = labels only, i.e. rnn
+    temperature: float = 2.0
+    loss: str = "kl"               # kl (Hinton) | mse on logits (Tang)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(copies=3))
+
+
+class DistilLoss:
+    """The loss of distil: distillation_loss against the teacher's logits of each
+    batch row. Rows of the transfer set past the real sentences are synthetic
+    (label -1): they get the teacher term only."""
+
+    def __init__(self, teacher_logits, cfg: DistilConfig):
+        self.teacher_logits, self.cfg = teacher_logits, cfg
+
+    def __call__(self, student_logits, batch):
+        rows = batch.rows.to(self.teacher_logits.device, non_blocking=True)
+        return distillation_loss(student_logits, self.teacher_logits[rows].to(student_logits.device), batch.labels,
+                                 self.cfg.alpha, self.cfg.temperature, self.cfg.loss)
+
+
+# ---------------------------------------------------------------------------
+# Teachers
+# ---------------------------------------------------------------------------
+
+class LoRATeacher:
+    """A LoRA run's GPT-2 classifier as the teacher."""
+    mask_token = EOT_TEXT
+
+    def __init__(self, run_dir, weights=None):
+        self.directory, self.weights = run_dir, weights
+        self.adapter_dir = find_adapter_dir(run_dir)
+        self.base = weights or read_json(os.path.join(self.adapter_dir, "adapter_config.json"),
+                                         "a LoRA adapter").get("base_model_name_or_path", "")
+        self.description = f"GPT-2 + LoRA from {run_dir}"
+        self._model = None
+
+    def key(self):
+        """Digest of everything the outputs depend on: the adapter files and the base
+        weights (its resolved file: for a hub id that names the revision; path, size
+        and modification time, since hashing GBs each run would cost more than the
+        cache saves)."""
+        digest = hashlib.sha256()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            path = os.path.join(self.adapter_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"teacher checkpoint file {path} is missing; re-run LoRA training")
+            digest.update(sha256_of_file(path).encode())
+        for path in _checkpoint_files(gpt2_directory(self.base)):
+            status = os.stat(path)
+            digest.update(f"{os.path.realpath(path)}:{status.st_size}:{status.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+    def logits(self, texts, device, precision):
+        if self._model is None:
+            self._model, _ = load_lora_classifier(self.adapter_dir, self.weights)
+        model = self._model.to(device)
+        return infer(model, TokenizedSplit.of_texts(texts, model.max_len).batches(128), device, precision)[0]
+
+
+# files a Hugging Face tokenizer directory may carry its vocabulary in
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+class HFTeacher:
+    """Any local Hugging Face sequence classifier with 2 labels (BERT, MiniLM,
+    RoBERTa, a fine-tuned GPT-2, ...) as the teacher, with its own tokenizer."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        config = read_json(os.path.join(directory, "config.json"), "a Hugging Face model directory")
+        architectures = config.get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise CheckpointError(f"teacher {directory} is a {'/'.join(architectures) or 'model'} without a "
+                                  "classification head; the teacher must be a LoRA run or a "
+                                  "*ForSequenceClassification directory")
+        labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+        if labels != 2:
+            raise CheckpointError(f"teacher {directory} has {labels} labels; CoLA needs a classifier with 2 "
+                                  "(label 1 = acceptable)")
+        if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+            raise CheckpointError(f"teacher {directory} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)});"
+                                  " save the tokenizer next to the model: tokenizer.save_pretrained(DIR)")
+        self.architecture = architectures[0]
+        self.description = f"{self.architecture} from {directory}"
+        self._tokenizer = self._model = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.directory)
+            except Exception as e:
+                raise CheckpointError(f"teacher {self.directory}: its tokenizer does not load "
+                                      f"({one_line(e)})") from None
+        return self._tokenizer
+
+    @property
+    def mask_token(self):
+        return self.tokenizer.mask_token or self.tokenizer.unk_token or ""
+
+    def key(self):
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if os.path.isfile(path):
+                digest.update(f"{name}:{sha256_of_file(path)}".encode())
+        return digest.hexdigest()
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForSequenceClassification
+            from transformers.utils import logging
+            logging.disable_progress_bar()
+            try:  # float32 whatever the files hold: float16 matmuls are slow or missing on CPUs
+                self._model = AutoModelForSequenceClassification.from_pretrained(self.directory, dtype=torch.float32)
+            except Exception as e:
+                raise CheckpointError(f"teacher {self.directory} does not load ({one_line(e)})") from None
+            if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers: pad with end-of-text, masked anyway
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+                self._model.config.pad_token_id = self.tokenizer.pad_token_id
+        return self._model
+
+    @torch.no_grad()
+    def logits(self, texts, device, precision, batch_size=128):
+        tokenizer, model = self.tokenizer, self.model.to(device).eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length
+        parts = []
+        with tf32_products(precision):
+            for start in range(0, len(order), batch_size):
+                encoded = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True,
+                                    truncation=True, return_tensors="pt")
+                with autocast_for(device, precision):
+                    parts.append(model(**encoded.to(device)).logits.float())
+        out = torch.empty(len(texts), model.config.num_labels)
+        out[order] = torch.cat(parts).cpu()
+        return out
+
+
+def load_teacher(directory, weights=None):
+    """The teacher in directory: a LoRA run, or a Hugging Face classifier."""
+    if os.path.isfile(directory):
+        raise CheckpointError(f"--teacher {directory} is a file; pass the teacher's directory (a LoRA run's "
+                              "--out-dir or a Hugging Face classifier saved with save_pretrained)")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"teacher {directory} does not exist; train one with `python run.py LoRA`, or "
+                              "pass --teacher DIR (a LoRA run or a Hugging Face classifier) or --teacher-logits FILE")
+    if find_adapter_dir(directory) is not None:
+        return LoRATeacher(directory, weights)
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return HFTeacher(directory)
+    raise CheckpointError(f"teacher {directory} is neither a LoRA run (no adapter/) nor a Hugging Face classifier "
+                          "(no config.json)")
+
+
+# ---------------------------------------------------------------------------
+# The teacher's logits, cached
+# ---------------------------------------------------------------------------
+
+def teacher_cache_dir(teacher_dir):
+    """Where a teacher's logits are cached: next to it, or in the user's cache when
+    its directory is read-only (a shared teacher). The mode bits decide, not
+    os.access, which says yes to root whatever the bits."""
+    own = os.path.join(teacher_dir, "teacher_logits")
+    if os.access(teacher_dir, os.W_OK) and os.stat(teacher_dir).st_mode & stat.S_IWUSR:
+        return own
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = hashlib.sha256(os.path.realpath(teacher_dir).encode()).hexdigest()[:16]
+    return os.path.join(base, "gpt2-lora-distil", "teacher_logits", name)
+
+
+# the teacher labels this many sentences at a time: the progress bar's step, and what
+# a Ctrl-C keeps (a partial cache the next run continues from)
+LABEL_CHUNK = 2048
+
+
+def label(teacher, texts, device, precision, partial_path, progress=True):
+    """The teacher's logits of texts, chunk by chunk under a progress bar. On Ctrl-C
+    the chunks done so far are kept in partial_path, and the next call continues
+    after them."""
+    done = []
+    if os.path.isfile(partial_path):
+        try:
+            done = [torch.from_numpy(np.load(partial_path, allow_pickle=False))]
+        except (OSError, ValueError):
+            done = []
+    start = sum(len(d) for d in done)
+    if start:
+        info(f"continuing the teacher's labelling after {start} of {len(texts)} sentences ({partial_path})")
+    try:
+        with tqdm(total=len(texts), initial=start, desc="teacher", unit="sentence", leave=False,
+                  disable=not progress or not is_main_process()) as bar:
+            for begin in range(start, len(texts), LABEL_CHUNK):
+                chunk = texts[begin:begin + LABEL_CHUNK]
+                done.append(teacher.logits(chunk, device, precision))
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        if done:
+            save_logits(partial_path, torch.cat(done))
+        raise KeyboardInterrupt(f"interrupted while the teacher labelled ({sum(len(d) for d in done)} of "
+                                f"{len(texts)} sentences kept; the same command continues from there)") from None
+    logits = torch.cat(done) if done else torch.empty(0, 2)
+    if os.path.isfile(partial_path):
+        os.remove(partial_path)
+    return logits
+
+
+def cached_teacher_logits(teacher, texts_by_name, cache_dir, device, dtype="auto", progress=True):
+    """{name: logits} of the teacher for each list of texts, computed once and
+    cached as cache_dir/<name>-<teacher key>-<input key>.npy. The teacher key
+    covers its files and the precision it ran in; the input key the texts, so
+    other data or another augmentation get files of their own. Caches of an
+    earlier version of this teacher are removed; other splits are kept."""
+    teacher_key = hashlib.sha256(f"{teacher.key()}|{precision_of(device, dtype)}".encode()).hexdigest()[:16]
+    precision = resolve_precision(device, dtype)
+    logits, paths = {}, {}
+    for name, texts in texts_by_name.items():
+        input_key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+        paths[name] = os.path.join(cache_dir, f"{name}-{teacher_key}-{input_key}.npy")
+        if os.path.isfile(paths[name]):
+            try:
+                logits[name] = read_logits(paths[name], len(texts))
+                info(f"teacher logits ({name}) from cache {paths[name]}")
+            except CheckpointError as e:
+                info(f"warning: {e}; recomputing it")
+    for name, texts in texts_by_name.items():
+        if name not in logits:
+            info(f"running the teacher ({teacher.description}) over {len(texts)} {name} sentences, once")
+            logits[name] = label(teacher, texts, device, precision, paths[name][:-len(".npy")] + ".partial.npy",
+                                 progress)
+            save_logits(paths[name], logits[name])
+    for name in os.listdir(cache_dir):
+        parts = name.split("-")
+        if name.endswith(".npy") and len(parts) == 3 and parts[1] != teacher_key:
+            os.remove(os.path.join(cache_dir, name))
+    return logits
+
+
+def read_logits(path, rows):
+    """A (rows, 2) float array of teacher logits from a .npy file."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"teacher logits file {path} does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"teacher logits file {path} is not a readable .npy array ({e})") from None
+    if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] != rows:
+        raise CheckpointError(f"teacher logits {path} have shape {array.shape}, expected ({rows}, 2): "
+                              "one row of 2 logits per training sentence, in the training file's order")
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise CheckpointError(f"teacher logits {path} must be finite floating-point numbers")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def save_logits(path, logits):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, logits.float().numpy())
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------
+# The transfer set
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TeacherTargets:
+    """What distil learns from: the transfer set (the training sentences, then the
+    synthetic ones), the teacher's logits for each of its rows, the teacher's
+    predictions on the validation set (None from a logits file) and its record."""
+    transfer: TokenizedSplit
+    logits: torch.Tensor
+    val_predictions: torch.Tensor
+    record: dict
+
+
+def teacher_from_file(path, train_set):
+    """--teacher-logits FILE: one row of logits per training sentence, nothing else."""
+    return TeacherTargets(train_set, read_logits(path, len(train_set)), None,
+                          {"source": os.path.abspath(path), "val_acc": None, "val_mcc": None})
+
+
+def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtype="auto", progress=True):
+    """Run the teacher (or read its cache) over the training and validation sentences
+    and cfg.augment.copies synthetic sentences per training sentence, in the run's
+    precision (dtype). Under torchrun rank 0 fills the cache, with no collectives
+    inside, and the others read it."""
+    synthetic = augment(train_set.split.sentences, cfg.augment) if cfg.augment.copies else []
+    texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
+    if synthetic:
+        texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
+    cache_dir = cfg.teacher_cache or teacher_cache_dir(teacher.directory)
+    start = time.time()
+    if is_main_process():
+        logits = cached_teacher_logits(teacher, texts, cache_dir, device, dtype, progress)
+    barrier()
+    if not is_main_process():
+        logits = cached_teacher_logits(teacher, texts, cache_dir, device, dtype, progress)
+    val_predictions = logits["val"].argmax(-1)
+    record = {"source": os.path.abspath(teacher.directory), "val_acc": accuracy(val_predictions, val_set.labels),
+              "val_mcc": matthews_corrcoef(val_predictions, val_set.labels),
+              "precision": precision_of(device, dtype),
+              "seconds": time.time() - start}  # for the teacher's logits: seconds when it ran, ~0 from the cache
+    info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
+    if not synthetic:
+        return TeacherTargets(train_set, logits["train"], val_predictions, record)
+    student_texts = [s.render(EOT_TEXT) for s in synthetic]
+    transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
+                                    train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
+                              tokens=train_set.tokens + [encode(text) for text in student_texts])
+    info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
+         f"({cfg.augment.copies} each)")
+    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record)

@@ -1,0 +1,210 @@
+"""The modes, each a small function of typed configs (run.py makes them from the
+flags). A training mode returns a Task, what the one generic run (`train`, below)
+needs: the model, its loss, how its weights are saved and its own metrics.json
+fields. Read top-down, a mode is a straight line: mode, train, then fit's loop
+(train_utils.py). predict and eval classify with a saved checkpoint."""
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from checkpoints import load_classifier, save_lora_adapter, save_student
+from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
+from model import GPT, PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
+    store_frozen_in_bf16
+from rundir import RunConfig, new_record, plot_history, write_metrics
+from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
+from utils import (HUB_IDS, VOCAB_SIZE, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
+                   init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
+
+
+@dataclass(frozen=True)
+class GPTSource:
+    """Where GPT-2's weights come from: a local directory, else a hub preset."""
+    weights: str = None       # local Hugging Face GPT-2 directory; wins over variant
+    variant: str = "gpt2"     # gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+
+    @property
+    def base(self):
+        """The base as an adapter names it: the directory's absolute path, or the hub id."""
+        return os.path.abspath(self.weights) if self.weights else HUB_IDS[self.variant]
+
+    def load(self, device="cpu"):
+        if self.weights and not os.path.isdir(self.weights):
+            raise UserError(f"--weights {self.weights}: no such directory (expected config.json + model.safetensors)")
+        if not self.weights and self.variant not in PRESETS:
+            raise UserError(f"unknown --gpt-variant {self.variant!r}; choose from {', '.join(PRESETS)}")
+        source = self.weights or self.variant
+        info(f"loading GPT-2 weights from {source}")
+        return GPT.from_pretrained(gpt2_directory(source)).to(device)
+
+
+@dataclass
+class Task:
+    """What a training mode hands the generic run."""
+    model: torch.nn.Module
+    data: tuple                          # (train, validation) TokenizedSplits
+    save: Callable                       # save(out_dir): the weights of the best epoch
+    loss_fn: Callable = cross_entropy_loss
+    record: dict = field(default_factory=dict)   # the mode's own metrics.json fields
+    epoch_metrics: Callable = None       # epoch_metrics(val) -> extra fields of an epoch's record
+
+
+def prepare(device_name, seed):
+    """Pick the device (joining torchrun's process group if there is one) and seed
+    everything."""
+    device = init_distributed(device_name) if world()[1] > 1 else resolve_device(device_name)
+    seed_everything(seed)
+    return device
+
+
+def load_data(data: DataConfig, block_size=1024):
+    train, val = load_cola(data.data_dir, data.val_split)
+    info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
+    return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
+
+
+# ---------------------------------------------------------------------------
+# The training modes
+# ---------------------------------------------------------------------------
+
+def lora(gpt: GPTSource, cfg: LoRAConfig, data: DataConfig, device, dtype="auto"):
+    """LoRA: GPT-2 frozen, adapters and a head trained on CoLA's labels."""
+    base = gpt.load("cpu")
+    splits = load_data(data, base.config.block_size)
+    add_lora(base, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
+    classifier = set_trainable(GPTClassifier(base), cfg.train_layernorm).to(device)
+    if resolve_precision(device, dtype) == "bfloat16":
+        store_frozen_in_bf16(classifier)
+    return Task(classifier, splits,
+                save=lambda out_dir: save_lora_adapter(classifier, os.path.join(out_dir, "adapter"), gpt.base, cfg),
+                record={"lora": {**asdict(cfg), "targets": list(cfg.targets), "base": gpt.base}})
+
+
+def student(cfg: RNNConfig, seed, gpt: GPTSource = None, init_embeddings="random"):
+    """A fresh DistilRNN, seeded right before so rnn and distil start from the same
+    weights whatever ran before; its embeddings optionally from GPT-2's."""
+    source = gpt.load("cpu") if init_embeddings == "gpt2" else None
+    seed_everything(seed)
+    model = DistilRNN(cfg)
+    if source is not None:
+        if cfg.n_embd > source.config.n_embd:
+            raise UserError(f"--rnn-embd {cfg.n_embd} exceeds GPT-2's embedding size {source.config.n_embd}; "
+                            "--init-embeddings gpt2 can only shrink it")
+        model.init_embeddings(source.transformer.wte.weight.detach().t())
+    return model
+
+
+def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, init_embeddings="random"):
+    """rnn: the DistilRNN trained on the labels alone, the baseline of distil."""
+    splits = load_data(data)
+    model = student(cfg, seed, gpt, init_embeddings).to(device)
+    return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, {"trained_by": "rnn"}))
+
+
+def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, seed, dtype="auto",
+           gpt: GPTSource = None, init_embeddings="random", progress=True):
+    """distil: the DistilRNN trained on the teacher's logits (and the labels), over
+    the training sentences and cfg.augment.copies synthetic sentences each. The
+    teacher runs in the run's precision (dtype), like the student."""
+    # the teacher before the data: a missing teacher is the quicker mistake to report
+    teacher = None if cfg.teacher_logits else load_teacher(cfg.teacher, gpt.weights if gpt else None)
+    train_set, val_set = load_data(data)
+    if teacher is None:
+        targets = teacher_from_file(cfg.teacher_logits, train_set)
+    else:
+        targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
+    model = student(student_cfg, seed, gpt, init_embeddings).to(device)
+    record = {"teacher": targets.record,
+              "distillation": {"alpha": cfg.alpha, "temperature": cfg.temperature, "loss": cfg.loss,
+                               "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,
+                               "swap_prob": cfg.augment.swap_prob, "ngram_prob": cfg.augment.ngram_prob,
+                               "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer)}}
+    agreement = None
+    if targets.val_predictions is not None:  # how often the student agrees with its teacher
+        agreement = lambda val: {"val_agreement": accuracy(val["logits"].argmax(-1), targets.val_predictions)}  # noqa: E731
+    return Task(model, (targets.transfer, val_set),
+                save=lambda out_dir: save_student(model, out_dir, {"trained_by": "distil"}),
+                loss_fn=DistilLoss(targets.logits.to(device), cfg), record=record, epoch_metrics=agreement)
+
+
+# ---------------------------------------------------------------------------
+# The generic run
+# ---------------------------------------------------------------------------
+
+def train(mode, task: Task, run: RunConfig, cfg: TrainConfig, device):
+    """Train any mode's task: fit, keep the best epoch's weights, write metrics.json
+    (and the resumable state) after every epoch, plot. Returns the metrics record."""
+    record = {**new_record(mode, run, task.model, device, cfg.dtype, task.data), **task.record}
+    params = record["params"]
+    if params["trainable"] == params["total"]:
+        info(f"parameters: {params['total']:,}, all trained")
+    else:
+        info(f"parameters: {params['total']:,} total, {params['trainable']:,} trained "
+             f"({100 * params['trainable'] / params['total']:.2f}% of them)")
+
+    def epoch_end(history, is_best, val):
+        if task.epoch_metrics is not None:
+            history[-1].update(task.epoch_metrics(val))
+        if is_best:
+            task.save(run.out_dir)
+        write_metrics(run, record, history)
+
+    train_set, val_set = task.data
+    history = fit(task.model, train_set, val_set, cfg, device, loss_fn=task.loss_fn, on_epoch_end=epoch_end,
+                  progress=run.progress, state_path=run.state_path, resume=run.resume, signature=run.signature,
+                  signature_defaults=run.signature_defaults, stop_after=run.stop_after, compile=run.compile)
+    if not is_main_process():
+        return record
+    if len(history) < cfg.epochs:
+        info(f"stopped after epoch {len(history)} of {cfg.epochs} (--stop-after); continue with --resume")
+        return record
+    if not run.keep_resume_state:  # only an interrupted run needs it; it is the bulk of a run's bytes
+        os.remove(run.state_path)
+    plot_path = os.path.join(run.plots, f"{mode}_{os.path.basename(os.path.normpath(run.out_dir))}.png")
+    plot_history(record, plot_path, f"{mode} in {run.out_dir}: {len(history)} epochs, seed {record['environment']['seed']}")
+    best = record["epochs"][record["best_epoch"] - 1]
+    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
+         f"wrote {run.metrics_path} and {plot_path}")
+    return record
+
+
+# ---------------------------------------------------------------------------
+# predict and eval
+# ---------------------------------------------------------------------------
+
+def predict(checkpoint, sentences, device_name="auto", dtype="auto", weights=None, batch_size=64):
+    """The probability of "acceptable" for each sentence, by the checkpoint with its
+    adapters merged, in length-sorted batches."""
+    device = resolve_device(device_name)
+    model, description = load_classifier(checkpoint, weights, merge=True)
+    info(f"classifier: {description}")
+    model.to(device)
+    batches = TokenizedSplit.of_texts(sentences, model.max_len).batches(batch_size)
+    logits = infer(model, batches, device, resolve_precision(device, dtype))[0]
+    return logits.softmax(-1)[:, 1].tolist()
+
+
+def evaluate_checkpoint(checkpoint, data: DataConfig, output=None, device_name="auto", dtype="auto",
+                        weights=None, batch_size=64):
+    """A checkpoint's loss, accuracy, MCC and confusion on a validation split,
+    printed and written as JSON (default CHECKPOINT/eval_<split>.json)."""
+    device = resolve_device(device_name)
+    model, description = load_classifier(checkpoint, weights)
+    model.to(device)
+    _, val = load_cola(data.data_dir, data.val_split)
+    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(batch_size), device,
+                      resolve_precision(device, dtype))
+    (tn, fp), (fn, tp) = result["confusion"]
+    print(f"checkpoint: {checkpoint} ({description})")
+    print(f"data: {val.source} ({result['n']} sentences)")
+    print(f"loss {result['loss']:.4f}  accuracy {result['acc']:.4f}  MCC {result['mcc']:.4f}")
+    print("confusion (rows: true label, columns: predicted)")
+    print(f"            pred 0  pred 1\ntrue 0  {tn:>8} {fp:>7}\ntrue 1  {fn:>8} {tp:>7}")
+    output = output or os.path.join(checkpoint, f"eval_{data.val_split}.json")
+    save_json(output, {"checkpoint": checkpoint, "data": val.source, "n": result["n"], "loss": result["loss"],
+                       "acc": result["acc"], "mcc": result["mcc"],
+                       "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp}})
+    info(f"wrote {output}")
+    return result
