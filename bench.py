@@ -171,17 +171,36 @@ def cola_train(args):
     return TokenizedSplit(train), TokenizedSplit(val)
 
 
+def lora_step_flop(batches, cfg):
+    """Model FLOPs of LoRA training steps over batches: every token slot (padding
+    included, as computed) through the frozen products forward and back to its input
+    (2 + 2 FLOPs per weight), and the attention scores and mixing (2 * 2 * T^2 * d per
+    layer and row forward, twice that back). The adapters' and head's own products
+    are under 1% and left out."""
+    d, layers = cfg["n_embd"], cfg["n_layer"]
+    weights = layers * 12 * d * d  # c_attn 3d^2, attn.c_proj d^2, c_fc 4d^2, mlp.c_proj 4d^2
+    flop = 0
+    for b in batches:
+        rows, width = b.idx.shape
+        flop += 4 * weights * rows * width + 3 * 4 * layers * rows * width * width * d
+    return flop
+
+
 def bench_lora(args):
     """One epoch (or --max-steps batches) of CoLA, --shape (gpt2) with random weights,
-    rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32."""
+    rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32: ours in every precision
+    (and --dtype auto's pick), with torch.compile where it can pay (CUDA, or --compile),
+    against transformers + peft in auto's precision, named. Model FLOP/s are given as a
+    share of the bf16 product rate measured in the same run."""
     import math
 
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora
-    from train_utils import (TrainConfig, autocast_for, make_training, set_trainable, store_frozen_in_bf16,
-                             train_epoch, uses_bf16)
+    from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora, set_trainable, \
+        store_frozen_in_bf16
+    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, compile_model, make_training,
+                             precision_of, resolve_precision, tf32_products, train_epoch)
     device = torch.device(args.device)
     batch_size = args.batch_size or 32
     train_set, _ = cola_train(args)
@@ -189,34 +208,44 @@ def bench_lora(args):
     if args.max_steps:
         steps = min(steps, args.max_steps)
     cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+    auto = resolve_precision(device, "auto")
+    precisions = ["float32", "tf32", "bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]
 
-    # ours: length-grouped batches, no attention mask needed; in float32, and in bf16
-    # (frozen base stored in bf16, autocast) as --dtype bfloat16 runs it
-    generator = torch.Generator().manual_seed(0)
-    ours_batches = train_set.batches(batch_size, shuffle=True, generator=generator)[:steps]
-    n_ours = sum(len(b.labels) for b in ours_batches)
+    def ours_batches(pad_to=1):
+        generator = torch.Generator().manual_seed(0)
+        return train_set.batches(batch_size, shuffle=True, generator=generator, pad_to=pad_to)[:steps]
 
-    def ours_seconds(dtype):
+    def ours_seconds(precision, compiled=False, epochs=1):
+        """Seconds of each of `epochs` passes over the same batches (a compiled model
+        pays its compiling in the first)."""
         torch.manual_seed(0)
-        classifier = GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[args.shape])), LORA_TARGETS, rank=4, alpha=8))
-        set_trainable(classifier)
-        classifier.to(device)
-        if uses_bf16(device, dtype):
+        classifier = set_trainable(GPTClassifier(add_lora(GPT(GPTConfig(**PRESETS[args.shape])), LORA_TARGETS,
+                                                          rank=4, alpha=8))).to(device)
+        if precision == "bfloat16":
             store_frozen_in_bf16(classifier)
-        params, optimizer, scheduler = make_training(classifier, cfg, steps)
-        sync(device)
-        start = time.perf_counter()
-        train_epoch(classifier, ours_batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip,
-                    dtype=dtype)
-        sync(device)
-        return time.perf_counter() - start
+        params, optimizer, scheduler = make_training(classifier, cfg, steps * epochs)
+        model = compile_model(classifier, device) if compiled else classifier
+        batches = ours_batches(COMPILE_PAD_TO if compiled else 1)
+        times = []
+        for _ in range(epochs):
+            sync(device)
+            start = time.perf_counter()
+            train_epoch(model, batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip,
+                        precision=precision)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return times
 
-    seconds = {dtype: ours_seconds(dtype) for dtype in ("float32", "bfloat16")}
-    auto = "bfloat16" if uses_bf16(device) else "float32"
-    t_ours = seconds[auto]
+    plain = ours_batches()
+    n_ours = sum(len(b.labels) for b in plain)
+    seconds = {precision: ours_seconds(precision)[0] for precision in precisions}
+    compiled = None
+    if device.type == "cuda" or args.compile:
+        compiled = ours_seconds(auto, compiled=True, epochs=3)
 
     # reference: transformers + peft, batched as its users do (random order, padded
-    # per batch to the longest sentence, attention mask), same optimiser and clipping
+    # per batch to the longest sentence, attention mask), same optimiser and clipping,
+    # in the precision auto gives ours
     torch.manual_seed(0)
     hf = GPT2ForSequenceClassification(GPT2Config(pad_token_id=50256, num_labels=2, **PRESETS[args.shape]))
     peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0,
@@ -232,37 +261,55 @@ def bench_lora(args):
         mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
         ref_batches.append((batch.idx, mask, batch.labels))
     start = time.perf_counter()
-    for idx, mask, labels in ref_batches:
-        with autocast_for(device):
-            loss = reference(input_ids=idx.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-        ref_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
-        ref_optimizer.step()
-        loss.item()
+    with tf32_products(auto):
+        for idx, mask, labels in ref_batches:
+            with autocast_for(device, auto):
+                loss = reference(input_ids=idx.to(device), attention_mask=mask.to(device),
+                                 labels=labels.to(device)).loss
+            ref_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+            ref_optimizer.step()
+            loss.item()
     sync(device)
     t_ref = time.perf_counter() - start
     n_ref = sum(len(b[2]) for b in ref_batches)
-    tokens_ours = sum(b.idx.numel() for b in ours_batches)
-    tokens_ref = sum(b[0].numel() for b in ref_batches)
+
+    shape = PRESETS[args.shape]
+    flop = lora_step_flop(plain, shape)
+    gemm = {dtype: gemm_rate(device, dtype, shape["n_embd"]) for dtype in (torch.float32, torch.bfloat16)}
     print(f"device: {device_name(device)}")
-    print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, {args.shape} shape, batch {batch_size}, {len(ours_batches)} steps "
-          f"({'full epoch' if len(ours_batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
-    print(f"transformers + peft: {n_ref / t_ref:.1f} sentences/s ({tokens_ref} token slots incl. padding)")
-    print(f"ours (--dtype auto = {auto}): {n_ours / t_ours:.1f} sentences/s ({tokens_ours} token slots incl. "
-          f"padding)")
-    print(f"ours in float32: {n_ours / seconds['float32']:.1f} sentences/s, in bfloat16: "
-          f"{n_ours / seconds['bfloat16']:.1f} sentences/s, bf16 over float32: "
-          f"{seconds['float32'] / seconds['bfloat16']:.2f}")
-    n_embd = PRESETS[args.shape]["n_embd"]
-    fp32_rate, bf16_rate = (gemm_rate(device, dtype, n_embd) for dtype in (torch.float32, torch.bfloat16))
-    print(f"bare matrix product of the step's shape: float32 {fp32_rate:.0f} GFLOP/s, bfloat16 {bf16_rate:.0f} "
-          f"GFLOP/s ({bf16_rate / fp32_rate:.2f}x)")
-    return {"bench": "lora", "device": device_name(device), "ours": n_ours / t_ours, "reference": n_ref / t_ref,
-            "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(ours_batches), "auto": auto,
-            "float32": n_ours / seconds["float32"], "bfloat16": n_ours / seconds["bfloat16"],
-            "bf16_over_float32": seconds["float32"] / seconds["bfloat16"], "gemm_float32": fp32_rate,
-            "gemm_bfloat16": bf16_rate}
+    print(f"LoRA r=4 on {','.join(LORA_TARGETS)}, {args.shape} shape, batch {batch_size}, {len(plain)} steps "
+          f"({'full epoch' if len(plain) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'})")
+    print(f"bare matrix product of the step's shape: float32 {gemm[torch.float32]:.0f} GFLOP/s, bfloat16 "
+          f"{gemm[torch.bfloat16]:.0f} GFLOP/s")
+    print(f"transformers + peft ({precision_of(device)}, as auto runs ours): {n_ref / t_ref:.1f} sentences/s "
+          f"({sum(b[0].numel() for b in ref_batches)} token slots incl. padding)")
+    for precision, t in seconds.items():
+        print(f"ours, --dtype {precision:<8}: {n_ours / t:7.1f} sentences/s, {flop / t / 1e9:8.0f} model GFLOP/s "
+              f"= {flop / t / 1e9 / gemm[torch.bfloat16]:.0%} of the bf16 product rate"
+              + ("   <- auto" if precision == auto else ""))
+    fastest = min(seconds, key=seconds.get)
+    print(f"auto = {auto}: {seconds[fastest] / seconds[auto]:.2f}x the speed of the fastest ({fastest}); "
+          f"ours (auto) over transformers + peft: {(n_ours / seconds[auto]) / (n_ref / t_ref):.2f}x")
+    result = {"bench": "lora", "device": device_name(device), "ours": n_ours / seconds[auto],
+              "reference": n_ref / t_ref, "ratio": (n_ours / seconds[auto]) / (n_ref / t_ref), "steps": len(plain),
+              "auto": auto, "fastest": fastest, "gemm_float32": gemm[torch.float32],
+              "gemm_bfloat16": gemm[torch.bfloat16], "model_gflops": {p: flop / t / 1e9 for p, t in seconds.items()},
+              **{p: n_ours / t for p, t in seconds.items()}}
+    if compiled:
+        padded_flop = lora_step_flop(ours_batches(COMPILE_PAD_TO), shape)
+        steady = min(compiled[1:])
+        print(f"ours, --compile (auto, batches padded to multiples of {COMPILE_PAD_TO} tokens): first epoch "
+              f"{compiled[0]:.2f} s (compiling), then {steady:.2f} s = {n_ours / steady:.1f} sentences/s, "
+              f"{padded_flop / steady / 1e9:.0f} model GFLOP/s incl. the padding; eager {seconds[auto]:.2f} s; "
+              f"{batch_shapes(ours_batches(COMPILE_PAD_TO))} batch shapes")
+        result.update(compiled_first=compiled[0], compiled_steady=steady, compiled=n_ours / steady)
+    return result
+
+
+def batch_shapes(batches):
+    return len({tuple(b.idx.shape) for b in batches})
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +460,7 @@ def main():
     p.add_argument("--max-steps", type=int, default=None, help="lora: time only this many batches of the epoch")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--shape", default="gpt2", choices=("gpt2", "gpt2-medium"), help="lora: the GPT-2 shape")
+    p.add_argument("--compile", action="store_true", help="lora: also time torch.compile off CUDA (on CUDA always)")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
     args = p.parse_args()
     result = BENCHES[args.bench](args)

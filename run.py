@@ -13,11 +13,11 @@ import sys
 import modes
 import tune
 from checkpoints import CheckpointError
-from distil import DistilConfig
+from distil import AugmentConfig, DistilConfig
 from model import LORA_TARGETS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
-from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, AugmentConfig, DataConfig, UserError, info
+from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, info
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -502,111 +501,6 @@ class TokenizedSplit:
             groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = torch.randperm(len(groups), generator=generator).tolist()
         return [self.make_batch(groups[i], pad_to) for i in order]
-
-
-# ---------------------------------------------------------------------------
-# Transfer-set augmentation (Tang et al. 2019, "Distilling task-specific
-# knowledge from BERT into simple neural networks", section 3.2)
-# ---------------------------------------------------------------------------
-
-_WORD_OR_MARK = re.compile(r"(\s*)(\w+(?:['’]\w+)*|[^\w\s])")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    copies: int = 0             # synthetic sentences per training sentence (--augment)
-    mask_prob: float = 0.1      # a word becomes the mask token
-    swap_prob: float = 0.1      # a word becomes another word of the same kind
-    ngram_prob: float = 0.25    # the sentence is cut to one of its n-grams...
-    max_ngram: int = 5          # ...of 1 to max_ngram words
-    seed: int = 0
-
-
-class Synthetic:
-    """A synthetic sentence: pieces (space before, word); word None is masked.
-    Each model renders the mask as its own: BERT's [MASK], the unknown word
-    for the others (GPT-2 has neither, so the end-of-text token stands in)."""
-
-    def __init__(self, pieces):
-        self.pieces = tuple(pieces)
-
-    def render(self, mask):
-        text = "".join(space + (mask if word is None else word) for space, word in self.pieces)
-        return text.strip()
-
-
-def split_words(sentence):
-    """(space before, word or punctuation mark) pieces that join back into sentence."""
-    return [(m.group(1), m.group(2)) for m in _WORD_OR_MARK.finditer(sentence)]
-
-
-class WordSwapper:
-    """Tang et al. replace a word by another of the same part of speech, drawn by
-    frequency. No English tagger here works offline, so "same kind" is found the
-    way distributional linguistics finds word classes: words that fill the same
-    slot. A word is swapped for one seen elsewhere in the training sentences
-    between the same left and right neighbours; failing that, after the same left
-    neighbour; failing that, before the same right neighbour."""
-
-    def __init__(self, sentences):
-        from collections import Counter, defaultdict
-        slots = defaultdict(Counter)
-        for sentence in sentences:
-            words = [w for _, w in split_words(sentence)]
-            for i, word in enumerate(words):
-                if word[0].isalnum():  # punctuation is never swapped
-                    for key in self._slots(words, i):
-                        slots[key][word.lower()] += 1
-        # sorted once, so sampling depends on the seed only, not on dict order
-        self.choices = {key: (sorted(c), [c[w] for w in sorted(c)]) for key, c in slots.items()}
-
-    @staticmethod
-    def _slots(words, i):
-        """The slots of words[i], most specific first: between its two neighbours,
-        after its left one, before its right one."""
-        left = words[i - 1].lower() if i > 0 else "<s>"
-        right = words[i + 1].lower() if i + 1 < len(words) else "</s>"
-        return ("both", left, right), ("left", left), ("right", right)
-
-    def swap(self, words, i, rng):
-        """A word of the same kind as words[i] in its slot, or words[i] if none is known."""
-        word = words[i]
-        for key in self._slots(words, i):
-            candidates, counts = self.choices.get(key, ((), ()))
-            options = [(c, n) for c, n in zip(candidates, counts) if c != word.lower()]
-            if options:
-                new = rng.choices([c for c, _ in options], [n for _, n in options])[0]
-                return new[0].upper() + new[1:] if word[0].isupper() else new
-        return word
-
-
-def augment(sentences, cfg: AugmentConfig):
-    """cfg.copies synthetic sentences per sentence, all of one sentence's copies
-    together, reproducible for cfg.seed: each word is masked with mask_prob, else
-    swapped for a word of the same kind with swap_prob; then with ngram_prob only
-    a random n-gram of 1 to max_ngram words is kept."""
-    rng = random.Random(cfg.seed)
-    swapper = WordSwapper(sentences)
-    out = []
-    for sentence in sentences:
-        pieces = split_words(sentence)
-        words = [w for _, w in pieces]
-        for _ in range(cfg.copies):
-            new = []
-            for i, (space, word) in enumerate(pieces):
-                if word[0].isalnum():
-                    u = rng.random()
-                    if u < cfg.mask_prob:
-                        word = None
-                    elif u < cfg.mask_prob + cfg.swap_prob:
-                        word = swapper.swap(words, i, rng)
-                new.append((space, word))
-            if len(new) > 1 and rng.random() < cfg.ngram_prob:
-                n = rng.randint(1, min(cfg.max_ngram, len(new)))
-                start = rng.randint(0, len(new) - n)
-                new = [("", new[start][1])] + new[start + 1:start + n]
-            out.append(Synthetic(new))
-    return out
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from train_utils import distillation_loss, make_training, TrainConfig, train_epoch
-from utils import AugmentConfig, Split, TokenizedSplit, WordSwapper, augment, split_words
+from distil import AugmentConfig, WordSwapper, augment, split_words
+from utils import Split, TokenizedSplit
 
 CORPUS = ["The cat sat on the mat.", "The dog sat on the rug.", "A bird sang in the tree.",
           "John won't eat the cake, will he?", "Mary saw the dog."]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cola import STUDENT, assert_error, cli, cola_dir, common, subset_dir
-from utils import AugmentConfig, augment, load_cola
+from distil import AugmentConfig, augment
+from utils import load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
