@@ -7,6 +7,7 @@ into a one-line error (exit status 2).
 import argparse
 import os
 import sys
+import tempfile
 
 from model import LORA_TARGETS, PRESETS, WeightsError
 import train_utils
@@ -97,6 +98,46 @@ def in_range(args, interval, *flags):
             raise UserError(f"{flag} must be {bounds}, got {value}")
 
 
+def check_path(flag, path, kind="dir", exists=False, write=False, what=None):
+    """Raise a one-line UserError unless the path given for flag (None: not given)
+    will do, checked before any work: a path that exists is a `kind` ("dir" or
+    "file"); with exists=True it must exist; with write=True it can be written: the
+    directory that must take a new entry (the directory itself, else the parent of
+    the file or of what is to be created, else the first ancestor that exists) is a
+    directory in which one can be created. That is tried (an empty directory made
+    and removed), not judged from mode bits, which do not stop root and do not know
+    read-only or virtual file systems."""
+    if path is None:
+        return
+    path = str(path)
+    what = what or ("a directory" if kind == "dir" else "a file path")
+    if not path.strip():
+        raise UserError(f"{flag} is empty; pass {what}")
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise UserError(f"{flag} {path} is a broken symbolic link; pass {what}")
+    if os.path.exists(path):
+        if kind == "dir" and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file; pass {what}")
+        if kind == "file" and not os.path.isfile(path):
+            found = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise UserError(f"{flag} {path} is {found}; pass {what}")
+    elif exists:
+        raise UserError(f"{flag} {path} does not exist; pass {what}")
+    if not write:
+        return
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        found = "a file" if os.path.isfile(target) else "not a directory"
+        raise UserError(f"{flag} {path} cannot be created: {target} is {found}; pass another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=target))
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {target} is not writable ({e.strerror}); "
+                        f"pass another {flag}") from None
+
+
 def add_common(p):
     p.add_argument("--seed", type=seed_value, default=0, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: CUDA if present, else Apple's MPS, else the CPU)")
@@ -106,6 +147,9 @@ def add_dtype(p, auto="bfloat16 autocast on CUDA and on CPUs with AMX, float32 e
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help=f"compute precision: auto = {auto}; float32 gives exactly the reference "
                         f"implementation's numbers (default auto)")
+
+
+WEIGHTS_DIR = "a local Hugging Face GPT-2 directory (config.json + model.safetensors)"
 
 
 def add_gpt_source(p):
@@ -264,6 +308,7 @@ def validate_gen(args):
     in_range(args, "(0, 1]", "--top-p")
     if not args.greedy and not args.temperature > 0:  # also catches nan
         raise UserError(f"--temperature must be > 0 (got {args.temperature}); for deterministic output use --greedy")
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     if not args.prompt.strip():
@@ -296,7 +341,32 @@ def run_gen(args):
 # --- Training modes: LoRA, rnn, distil ---------------------------------------
 
 def validate_training(args):
-    """Check the flags of a training mode: all of them, before any file is read."""
+    """Check the flags of a training mode: all of them, before any file is read; the
+    values and their combinations first, then the paths."""
+    validate_training_flags(args)
+    check_training_paths(args)
+
+
+def check_training_paths(args):
+    """Every path of a training mode, so that a bad one fails now, not as a traceback
+    after the training it was to hold."""
+    check_path("--out-dir", args.out_dir, "dir", write=True)
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    if args.tune:
+        check_path("--tuning-dir", args.tuning_dir, "dir", write=True)
+    check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
+    if args.mode != "distil":
+        return
+    check_path("--teacher", args.teacher, "dir", what="the teacher's directory (a LoRA run's --out-dir, or a "
+                                                      "Hugging Face classifier's directory)")
+    check_path("--teacher-logits", args.teacher_logits, "file", exists=True,
+               what="a .npy file of the teacher's logits, shape (training sentences, 2)")
+    check_path("--teacher-cache", args.teacher_cache, "dir", write=True)
+
+
+def validate_training_flags(args):
+    """The values of a training mode's flags and their combinations."""
     in_range(args, "[1, inf)", "--epochs", "--batch-size")
     in_range(args, "(0, inf)", "--lr")
     in_range(args, "[0, 1)", "--warmup-ratio")
@@ -336,8 +406,6 @@ def run_training(args):
     """A training mode: check every flag, claim and lock --out-dir, then run."""
     from utils import is_main_process, lock_dir
     validate_training(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} is a file; pass a directory")
     if not is_main_process():  # rank 0 claims the directory for every rank
         return RUNNERS[args.mode](args)
     from train_utils import claim_out_dir
@@ -365,15 +433,46 @@ def read_sentences(args):
     return sentences
 
 
+def validate_checkpoint_use(args):
+    """predict's and eval's flags, before the checkpoint is loaded (and, for eval,
+    before its results are printed: an --output that cannot be written fails first)."""
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
+    if args.mode != "eval":
+        return
+    check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
+    output = args.output
+    if output is None and os.path.isdir(args.checkpoint):  # the default (a missing checkpoint: the loader says so)
+        output = os.path.join(args.checkpoint, f"eval_{args.val_split}.json")
+    check_path("--output", output, "file", write=True, what="a file path for the JSON results")
+
+
 def run_predict(args):
+    validate_checkpoint_use(args)
     sentences = read_sentences(args)
     for sentence, p in zip(sentences, train_utils.predict(args, sentences)):
         print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
 
 
-RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": train_utils.evaluate_checkpoint,
+def run_eval(args):
+    validate_checkpoint_use(args)
+    return train_utils.evaluate_checkpoint(args)
+
+
+# --- tune-report and compare -------------------------------------------------
+
+def run_tune_report(args):
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    return tune.run_tune_report(args)
+
+
+def run_compare(args):
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    return tune.run_compare(args)
+
+
+RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval,
            "LoRA": train_utils.train_lora, "rnn": train_utils.train_rnn, "distil": train_utils.train_distil,
-           "tune-report": tune.run_tune_report, "compare": tune.run_compare}
+           "tune-report": run_tune_report, "compare": run_compare}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 

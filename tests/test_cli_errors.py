@@ -52,6 +52,134 @@ def unwritable(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Paths: checked before any work, whichever mode takes them
+# ---------------------------------------------------------------------------
+
+def writing_flags(sweep, tmp_path, data):
+    """(argv without the flag, the flag, "dir" or "file") for every flag naming a
+    place that a mode writes to."""
+    run, table = sweep
+    train = ["rnn", *STUDENT, "--epochs", 1, "--data-dir", data, "--no-progress"]
+    return [
+        (train, "--out-dir", "dir"),
+        (train + ["--out-dir", tmp_path / "out"], "--plots-dir", "dir"),
+        (train + ["--out-dir", tmp_path / "out", "--tune", "seed=0"], "--tuning-dir", "dir"),
+        (["distil", "--teacher", tmp_path / "no-teacher", "--data-dir", data, "--out-dir", tmp_path / "out"],
+         "--teacher-cache", "dir"),
+        (["eval", "--checkpoint", run, "--data-dir", data], "--output", "file"),
+        (["tune-report", table], "--plots-dir", "dir"),
+        (["compare", run, run], "--plots-dir", "dir"),
+    ]
+
+
+FLAG_IDS = ["out-dir", "plots-dir", "tuning-dir", "teacher-cache", "eval-output", "tune-report", "compare"]
+
+
+@pytest.mark.parametrize("case", range(len(FLAG_IDS)), ids=FLAG_IDS)
+def test_a_path_under_a_file_is_refused_at_once(sweep, tmp_path, tmp_path_factory, capsys, case):
+    argv, flag, kind = writing_flags(sweep, tmp_path, subset_dir(tmp_path_factory))[case]
+    (tmp_path / "afile").write_text("x")
+    path = tmp_path / "afile" / ("results.json" if kind == "file" else "sub")
+    code, out, err = cli(capsys, *argv, flag, path)
+    assert_error(code, out, err, f"{flag} {path} cannot be created", f"{tmp_path / 'afile'} is a file",
+                 f"pass another {flag}")
+    assert out == "" and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", range(len(FLAG_IDS)), ids=FLAG_IDS)
+def test_a_path_that_cannot_be_created_is_refused_at_once(sweep, tmp_path, tmp_path_factory, capsys, unwritable,
+                                                           case):
+    argv, flag, kind = writing_flags(sweep, tmp_path, subset_dir(tmp_path_factory))[case]
+    path = os.path.join(unwritable, "new", "results.json" if kind == "file" else "sub")
+    code, out, err = cli(capsys, *argv, flag, path)
+    assert_error(code, out, err, f"{flag} {path} cannot be written", f"{unwritable} is not writable",
+                 f"pass another {flag}")
+    assert out == "" and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6], ids=[FLAG_IDS[i] for i in (0, 1, 2, 3, 5, 6)])
+def test_a_directory_flag_naming_a_file_is_refused(sweep, tmp_path, tmp_path_factory, capsys, case):
+    argv, flag, _ = writing_flags(sweep, tmp_path, subset_dir(tmp_path_factory))[case]
+    (tmp_path / "afile").write_text("x")
+    code, out, err = cli(capsys, *argv, flag, tmp_path / "afile")
+    assert_error(code, out, err, f"{flag} {tmp_path / 'afile'} is a file; pass a directory")
+
+
+def test_empty_out_dir(tmp_path, capsys):
+    code, out, err = cli(capsys, "rnn", "--out-dir", "", *common(tmp_path))
+    assert_error(code, out, err, "--out-dir is empty; pass a directory")
+
+
+def test_eval_output_that_is_a_directory(sweep, tmp_path, tmp_path_factory, capsys):
+    code, out, err = cli(capsys, "eval", "--checkpoint", sweep[0], "--data-dir", subset_dir(tmp_path_factory),
+                         "--output", tmp_path)
+    assert_error(code, out, err, f"--output {tmp_path} is a directory", "pass a file path")
+    assert out == ""
+
+
+def test_eval_default_output_in_a_read_only_checkpoint(sweep, tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """eval writes OUT/eval_<split>.json by default: a checkpoint directory that takes no
+    new file is an error before the evaluation, naming --output as the way out."""
+    checkpoint = shutil.copytree(sweep[0], tmp_path / "checkpoint")
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):  # the checkpoint's directory refuses new entries
+        if dir is not None and os.path.samefile(dir, checkpoint):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    code, out, err = cli(capsys, "eval", "--checkpoint", checkpoint, "--data-dir", subset_dir(tmp_path_factory))
+    assert_error(code, out, err, f"--output {os.path.join(checkpoint, 'eval_in.json')} cannot be written",
+                 "Permission denied", "pass another --output")
+    assert out == ""
+    code, out, err = cli(capsys, "eval", "--checkpoint", checkpoint, "--data-dir", subset_dir(tmp_path_factory),
+                         "--output", tmp_path / "results.json")
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / "results.json")
+
+
+def test_teacher_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_text("x")
+    code, out, err = cli(capsys, "distil", "--teacher", tmp_path / "model.safetensors", "--data-dir",
+                         tmp_path / "nodata", "--out-dir", tmp_path / "out", *common(tmp_path))
+    line = assert_error(code, out, err, f"--teacher {tmp_path / 'model.safetensors'} is a file",
+                        "pass the teacher's directory")
+    assert "does not exist" not in line
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_teacher_logits_checked_before_the_data(tmp_path, capsys, kind):
+    path = tmp_path / "logits.npy"
+    if kind == "directory":
+        path.mkdir()
+    code, out, err = cli(capsys, "distil", "--teacher-logits", path, "--data-dir", tmp_path / "nodata",
+                         "--out-dir", tmp_path / "out", *common(tmp_path))
+    assert_error(code, out, err, f"--teacher-logits {path}", "does not exist" if kind == "missing" else "a directory",
+                 "pass a .npy file")
+
+
+@pytest.mark.parametrize("mode", ["rnn", "predict", "eval"])
+def test_weights_that_is_a_file(sweep, tmp_path, capsys, mode):
+    (tmp_path / "model.safetensors").write_text("x")
+    argv = {"rnn": ["rnn", "--init-embeddings", "gpt2", "--out-dir", tmp_path / "out", *common(tmp_path)],
+            "predict": ["predict", "--checkpoint", sweep[0], "The cat sat."],
+            "eval": ["eval", "--checkpoint", sweep[0]]}[mode]
+    code, out, err = cli(capsys, *argv, "--weights", tmp_path / "model.safetensors")
+    assert_error(code, out, err, f"--weights {tmp_path / 'model.safetensors'} is a file", "config.json")
+
+
+@pytest.mark.parametrize("mode", ["rnn", "eval"])
+def test_data_dir_that_is_a_file(sweep, tmp_path, capsys, mode):
+    (tmp_path / "in_domain_train.tsv").write_text("x")
+    argv = ["rnn", "--out-dir", tmp_path / "out", *common(tmp_path)] if mode == "rnn" else \
+        ["eval", "--checkpoint", sweep[0]]
+    code, out, err = cli(capsys, *argv, "--data-dir", tmp_path / "in_domain_train.tsv")
+    assert_error(code, out, err, "--data-dir", "is a file", "pass the directory of the CoLA .tsv files")
+
+
+# ---------------------------------------------------------------------------
 # The run directory's lock
 # ---------------------------------------------------------------------------
 
