@@ -21,6 +21,11 @@ HEAD_DROPOUT = 0.0
 EMBD_WEIGHT_DECAY = None
 AUGMENT = 3
 
+# User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
+# hold the README's tables and figures, written only when named (README, Results).
+TUNING_DIR = "runs/tuning"
+COMPARE_PLOTS_DIR = "runs/compare"
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, with a "did you mean" for
@@ -241,14 +246,15 @@ def build_parser():
 
     report = modes.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
                                                   "(n, mean ± std), sorted by validation MCC, and its plot")
-    report.add_argument("table", help="e.g. tuning/LoRA.tsv")
-    report.add_argument("--plots-dir", default="plots")
+    report.add_argument("table", help="e.g. runs/tuning/LoRA.tsv")
+    report.add_argument("--plots-dir", default=None, help="where its plot goes (default: the table's directory)")
 
     compare = modes.add_parser("compare", help="two runs or two seed sweeps: per-seed best validation MCC, "
                                                "paired difference with 95%% CI, share of the teacher's MCC")
     compare.add_argument("run_a", metavar="DIR_A", help="a run's out dir, or a sweep's (--tune \"seed=0,1,2\")")
     compare.add_argument("run_b", metavar="DIR_B", help="the same for the other side; B - A is reported")
-    compare.add_argument("--plots-dir", default="plots")
+    compare.add_argument("--plots-dir", default=COMPARE_PLOTS_DIR,
+                         help=f"where its plot goes (default {COMPARE_PLOTS_DIR})")
     return parser
 
 
@@ -276,7 +282,7 @@ def add_training(p, out_dir, lr):
     p.add_argument("--compile", action="store_true", help="torch.compile the model: minutes of compiling first, so only for long GPU runs")
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
-    p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
+    p.add_argument("--tuning-dir", default=TUNING_DIR, help=f"where --tune writes its table (default {TUNING_DIR})")
     add_dtype(p)
     add_common(p)
 
@@ -461,6 +467,8 @@ def run_eval(args):
 # --- tune-report and compare -------------------------------------------------
 
 def run_tune_report(args):
+    if args.plots_dir is None:  # next to its table: a sweep's plot stays with the sweep
+        args.plots_dir = os.path.dirname(args.table) or "."
     check_path("--plots-dir", args.plots_dir, "dir", write=True)
     return tune.run_tune_report(args)
 

@@ -52,6 +52,46 @@ def unwritable(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Default commands write under runs/, never into the tracked tree
+# ---------------------------------------------------------------------------
+
+def test_default_commands_leave_the_tracked_tree_clean(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """In a fresh copy of the repository, a sweep, tune-report and compare with their
+    default directories change no tracked file and add none that git would show."""
+    repo = tmp_path / "repo"
+    try:
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs git and a git checkout of the project")
+    for name in filter(None, tracked):
+        os.makedirs(repo / os.path.dirname(name), exist_ok=True)
+        shutil.copy2(os.path.join(PROJECT_ROOT, name), repo / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(git + command, cwd=repo, check=True, capture_output=True)
+    monkeypatch.chdir(repo)
+
+    def git_status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout
+
+    code, _, err = cli(capsys, "rnn", *STUDENT, "--epochs", 1, "--data-dir", subset_dir(tmp_path_factory),
+                       "--no-progress", "--tune", "seed=0")
+    assert code == 0, err
+    assert git_status() == ""
+    assert os.path.isfile(repo / "runs" / "tuning" / "rnn.tsv")
+    code, _, err = cli(capsys, "tune-report", os.path.join("runs", "tuning", "rnn.tsv"))
+    assert code == 0, err
+    assert git_status() == ""
+    assert os.path.isfile(repo / "runs" / "tuning" / "tune_rnn.png")  # next to its table
+    code, _, err = cli(capsys, "compare", os.path.join("runs", "rnn"), os.path.join("runs", "rnn"))
+    assert code == 0, err
+    assert git_status() == ""
+    assert [name for name in os.listdir(repo / "runs" / "compare") if name.endswith(".png")]
+
+
+# ---------------------------------------------------------------------------
 # Paths: checked before any work, whichever mode takes them
 # ---------------------------------------------------------------------------
 
