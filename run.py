@@ -312,8 +312,9 @@ def add_student(p):
 def validate_gen(args):
     in_range(args, "[1, inf)", "--max-new-tokens", "--top-k", "--num-samples")
     in_range(args, "(0, 1]", "--top-p")
-    if not args.greedy and not args.temperature > 0:  # also catches nan
-        raise UserError(f"--temperature must be > 0 (got {args.temperature}); for deterministic output use --greedy")
+    if not args.greedy and not 0 < args.temperature < float("inf"):  # also catches nan
+        raise UserError(f"--temperature must be > 0 and finite (got {args.temperature}); for deterministic output "
+                        "use --greedy")
     check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
@@ -373,7 +374,9 @@ def check_training_paths(args):
 
 def validate_training_flags(args):
     """The values of a training mode's flags and their combinations."""
-    in_range(args, "[1, inf)", "--epochs", "--batch-size")
+    in_range(args, "[1, inf)", "--epochs", "--batch-size", "--stop-after")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; pass one of them")
     in_range(args, "(0, inf)", "--lr")
     in_range(args, "[0, 1)", "--warmup-ratio")
     in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
@@ -442,6 +445,7 @@ def read_sentences(args):
 def validate_checkpoint_use(args):
     """predict's and eval's flags, before the checkpoint is loaded (and, for eval,
     before its results are printed: an --output that cannot be written fails first)."""
+    in_range(args, "[1, inf)", "--batch-size")
     check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
     if args.mode != "eval":
         return

@@ -92,6 +92,38 @@ def test_default_commands_leave_the_tracked_tree_clean(tmp_path, tmp_path_factor
 
 
 # ---------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["predict", "eval"])
+@pytest.mark.parametrize("batch_size", ["0", "-5"])
+def test_batch_size_of_predict_and_eval_must_be_positive(sweep, capsys, mode, batch_size):
+    extra = ["The cat sat."] if mode == "predict" else []
+    code, out, err = cli(capsys, mode, "--checkpoint", sweep[0], "--batch-size", batch_size, *extra)
+    assert_error(code, out, err, "--batch-size must be >= 1", batch_size)
+    assert out == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_stop_after_must_be_positive(tmp_path, capsys, value):
+    code, out, err = cli(capsys, "rnn", "--stop-after", value, "--out-dir", tmp_path / "out", *common(tmp_path))
+    assert_error(code, out, err, "--stop-after must be >= 1")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_resume_with_overwrite_is_refused(tmp_path, capsys):
+    code, out, err = cli(capsys, "rnn", "--resume", "--overwrite", "--out-dir", tmp_path / "out", *common(tmp_path))
+    assert_error(code, out, err, "--resume", "--overwrite", "pass one of them")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_infinite_temperature_is_refused(capsys, tiny_ckpt):
+    code, out, err = cli(capsys, "gen", "--weights", tiny_ckpt.path, "--temperature", "inf", "--max-new-tokens", 2)
+    assert_error(code, out, err, "--temperature must be > 0 and finite", "--greedy")
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------
 # Paths: checked before any work, whichever mode takes them
 # ---------------------------------------------------------------------------
 
