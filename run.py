@@ -35,6 +35,7 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if args is not None:
             args = [dashed(a) for a in args]
+        self.seen = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
@@ -46,9 +47,15 @@ class Parser(argparse.ArgumentParser):
             hint = close_match(choice.group(1), options)
         elif message.startswith("unrecognized arguments:"):
             flags = {f for p in self.all_parsers() for f in p._option_string_actions}
+            # a flag suggested by meaning must be one of the mode's own
+            modes = {name: p for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                     for name, p in action.choices.items()}
+            mode = modes.get(next(iter(getattr(self, "seen", [])), None))
+            aliases = {typed: meant for typed, meant in FLAG_ALIASES.items()
+                       if mode is None or meant in mode._option_string_actions}
             for unknown in message.split(":", 1)[1].split():
                 if unknown.startswith("--"):
-                    hint = hint or close_match(unknown.split("=")[0], flags)
+                    hint = hint or close_match(unknown.split("=")[0], flags, aliases)
         raise UserError(f"{message}{hint} (see python {self.prog} --help)")
 
     def all_parsers(self):
@@ -59,10 +66,23 @@ class Parser(argparse.ArgumentParser):
                     yield from sub.all_parsers()
 
 
-def close_match(word, options):
+# Flags as other tools spell them, by meaning: spelling alone would suggest another
+# flag (--learning-rate -> --rnn-type). Keys as dashed() writes them.
+FLAG_ALIASES = {"--learning-rate": "--lr", "--bs": "--batch-size", "--batch": "--batch-size",
+                "--num-epochs": "--epochs", "--n-epochs": "--epochs", "--max-epochs": "--epochs"}
+
+
+def close_match(word, options, aliases=None):
+    """"; did you mean X?" for word: its meaning from aliases first (when X is one of
+    options), else the closest spelling among options and the aliases (a misspelt
+    alias, --learning-rat, means what the alias means); "" when nothing is close."""
     import difflib
-    best = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {best[0]}?" if best else ""
+    aliases = {typed: meant for typed, meant in (aliases or {}).items() if meant in options}
+    word = dashed(word)
+    if word in aliases:
+        return f"; did you mean {aliases[word]}?"
+    best = difflib.get_close_matches(word, [*options, *aliases], n=1, cutoff=0.6)
+    return f"; did you mean {aliases.get(best[0], best[0])}?" if best else ""
 
 
 def dashed(arg):

@@ -252,6 +252,29 @@ def test_data_dir_that_is_a_file(sweep, tmp_path, capsys, mode):
 
 
 # ---------------------------------------------------------------------------
+# Flags suggested by meaning; other typos as before
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("typed,meant", [
+    ("--learning-rate", "--lr"), ("--learning_rate", "--lr"), ("--bs", "--batch-size"),
+    ("--num-epochs", "--epochs"), ("--n-epochs", "--epochs"), ("--num_epochs", "--epochs"),
+    ("--learning-rat", "--lr"), ("--bs=64", "--batch-size"),
+    ("--rnn-tpye", "--rnn-type"), ("--weight-decai", "--weight-decay"),
+])
+def test_unknown_flag_suggests_the_meant_one(tmp_path, capsys, typed, meant):
+    code, out, err = cli(capsys, "rnn", typed, "3", "--out-dir", tmp_path / "out")
+    line = assert_error(code, out, err, "unrecognized arguments", typed.replace("_", "-"))
+    assert f"did you mean {meant}?" in line
+
+
+def test_a_flag_is_suggested_by_meaning_only_where_the_mode_has_it(capsys):
+    line = assert_error(*cli(capsys, "gen", "--bs", "4"), "unrecognized arguments")
+    assert "--batch-size" not in line  # gen has none
+    line = assert_error(*cli(capsys, "predict", "--checkpoint", "x", "--bs", "4"), "unrecognized arguments")
+    assert "did you mean --batch-size?" in line
+
+
+# ---------------------------------------------------------------------------
 # The run directory's lock
 # ---------------------------------------------------------------------------
 
