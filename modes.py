@@ -15,7 +15,7 @@ from model import GPT, PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig,
     store_frozen_in_bf16
 from rundir import RunConfig, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
-from utils import (HUB_IDS, VOCAB_SIZE, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
+from utils import (HUB_IDS, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
                    init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
 
 

@@ -6,7 +6,6 @@ dataclass), and dispatches to modes.py (training, predict, eval; gen's model is
 model.py's GPT) and tune.py (sweeps and comparisons). Every known problem becomes a
 one-line error (exit status 2).
 """
-import argparse
 import os
 import sys
 
@@ -14,7 +13,8 @@ import modes
 import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
-from model import LORA_TARGETS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
+from flags import Parser, check_path, in_range, seed_value
+from model import PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
 from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, info
@@ -27,51 +27,10 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
 ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line, with a "did you mean" for
-    a misspelt mode or flag, and accepts every --dashed-flag also as
-    --underscored_flag (e.g. --gpt_variant) without listing it twice in --help."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        if args is not None:
-            args = [dashed(a) for a in args]
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message):
-        import re
-        hint = ""
-        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if choice:
-            options = re.findall(r"[\w-]+", choice.group(2))
-            hint = close_match(choice.group(1), options)
-        elif message.startswith("unrecognized arguments:"):
-            flags = {f for p in self.all_parsers() for f in p._option_string_actions}
-            for unknown in message.split(":", 1)[1].split():
-                if unknown.startswith("--"):
-                    hint = hint or close_match(unknown.split("=")[0], flags)
-        raise UserError(f"{message}{hint} (see python {self.prog} --help)")
-
-    def all_parsers(self):
-        yield self
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    yield from sub.all_parsers()
-
-
-def close_match(word, options):
-    import difflib
-    best = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {best[0]}?" if best else ""
-
-
-def dashed(arg):
-    """--some_flag[=value] -> --some-flag[=value]: underscores are accepted in flag names."""
-    if not arg.startswith("--") or arg == "--":
-        return arg
-    name, sep, value = arg.partition("=")
-    return name.replace("_", "-") + sep + value
+# User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
+# hold the README's tables and figures, written only when named (README, Results).
+TUNING_DIR = "runs/tuning"
+COMPARE_PLOTS_DIR = "runs/compare"
 
 
 def canonical_mode(argv):
@@ -80,28 +39,6 @@ def canonical_mode(argv):
     if argv and argv[0].lower() in modes:
         return [modes[argv[0].lower()], *argv[1:]]
     return argv
-
-
-def seed_value(text):
-    value = int(text)
-    if not 0 <= value < 2 ** 32:  # NumPy's seed range
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
-
-
-def in_range(args, interval, *flags):
-    """Raise a UserError unless each flag's value (None: not given) lies in interval,
-    written as in maths: "[0, 1)", "(0, inf)". Comparisons are written so that nan fails."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    for flag in flags:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        above = low <= value if interval[0] == "[" else low < value
-        below = value <= high if interval[-1] == "]" else value < high
-        if not (above and below):
-            bounds = f"in {interval}" if high < float("inf") else f"{'>=' if interval[0] == '[' else '>'} {low:g}"
-            raise UserError(f"{flag} must be {bounds}, got {value}")
 
 
 def add_common(p):
@@ -113,6 +50,9 @@ def add_dtype(p, auto="tf32 products on CUDA, bfloat16 autocast on CPUs with AMX
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help=f"compute precision: auto = the faster, as measured: {auto}; float32 gives exactly the "
                         f"reference implementation's numbers (default auto)")
+
+
+WEIGHTS_DIR = "a local Hugging Face GPT-2 directory (config.json + model.safetensors)"
 
 
 def add_gpt_source(p):
@@ -210,14 +150,15 @@ def build_parser():
 
     report = modes_.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
                                                    "(n, mean ± std), sorted by validation MCC, and its plot")
-    report.add_argument("table", help="e.g. tuning/LoRA.tsv")
-    report.add_argument("--plots-dir", default="plots")
+    report.add_argument("table", help="e.g. runs/tuning/LoRA.tsv")
+    report.add_argument("--plots-dir", default=None, help="where its plot goes (default: the table's directory)")
 
     compare = modes_.add_parser("compare", help="two runs or two seed sweeps: per-seed best validation MCC, "
                                                 "paired difference with 95%% CI, share of the teacher's MCC")
     compare.add_argument("run_a", metavar="DIR_A", help="a run's out dir, or a sweep's (--tune \"seed=0,1,2\")")
     compare.add_argument("run_b", metavar="DIR_B", help="the same for the other side; B - A is reported")
-    compare.add_argument("--plots-dir", default="plots")
+    compare.add_argument("--plots-dir", default=COMPARE_PLOTS_DIR,
+                         help=f"where its plot goes (default {COMPARE_PLOTS_DIR})")
     return parser
 
 
@@ -251,7 +192,7 @@ def add_training(p, out_dir):
                         "16 tokens so a few graphs serve the run): pays off in long GPU runs only")
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
-    p.add_argument("--tuning-dir", default="tuning", help="where --tune writes its table (default tuning/)")
+    p.add_argument("--tuning-dir", default=TUNING_DIR, help=f"where --tune writes its table (default {TUNING_DIR})")
     add_dtype(p)
     add_common(p)
 
@@ -282,8 +223,10 @@ def add_student(p):
 def validate_gen(args):
     in_range(args, "[1, inf)", "--max-new-tokens", "--top-k", "--num-samples")
     in_range(args, "(0, 1]", "--top-p")
-    if not args.greedy and not args.temperature > 0:  # also catches nan
-        raise UserError(f"--temperature must be > 0 (got {args.temperature}); for deterministic output use --greedy")
+    if not args.greedy and not 0 < args.temperature < float("inf"):  # also catches nan
+        raise UserError(f"--temperature must be > 0 and finite (got {args.temperature}); for deterministic output "
+                        "use --greedy")
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
 
 
 def run_gen(args):
@@ -323,8 +266,35 @@ def augment_copies(args):
 
 
 def validate_training(args):
-    """Check the flags of a training mode: all of them, before any file is read."""
-    in_range(args, "[1, inf)", "--epochs", "--batch-size")
+    """Check the flags of a training mode: all of them, before any file is read; the
+    values and their combinations first, then the paths."""
+    validate_training_flags(args)
+    check_training_paths(args)
+
+
+def check_training_paths(args):
+    """Every path of a training mode, so that a bad one fails now, not as a traceback
+    after the training it was to hold."""
+    check_path("--out-dir", args.out_dir, "dir", write=True)
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    if args.tune:
+        check_path("--tuning-dir", args.tuning_dir, "dir", write=True)
+    check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
+    if args.mode != "distil":
+        return
+    check_path("--teacher", args.teacher, "dir", what="the teacher's directory (a LoRA run's --out-dir, or a "
+                                                      "Hugging Face classifier's directory)")
+    check_path("--teacher-logits", args.teacher_logits, "file", exists=True,
+               what="a .npy file of the teacher's logits, shape (training sentences, 2)")
+    check_path("--teacher-cache", args.teacher_cache, "dir", write=True)
+
+
+def validate_training_flags(args):
+    """The values of a training mode's flags and their combinations."""
+    in_range(args, "[1, inf)", "--epochs", "--batch-size", "--stop-after")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; pass one of them")
     in_range(args, "(0, inf)", "--lr")
     in_range(args, "[0, 1)", "--warmup-ratio")
     in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
@@ -405,8 +375,6 @@ def run_training(args):
     mode's task from its configs and train it."""
     from utils import is_main_process, lock_dir
     validate_training(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} is a file; pass a directory")
     run = run_config(args)
     if not is_main_process():  # rank 0 claims the directory for every rank
         return train_mode(args, run)
@@ -447,7 +415,22 @@ def read_sentences(args):
     return sentences
 
 
+def validate_checkpoint_use(args):
+    """predict's and eval's flags, before the checkpoint is loaded (and, for eval,
+    before its results are printed: an --output that cannot be written fails first)."""
+    in_range(args, "[1, inf)", "--batch-size")
+    check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
+    if args.mode != "eval":
+        return
+    check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
+    output = args.output
+    if output is None and os.path.isdir(args.checkpoint):  # the default (a missing checkpoint: the loader says so)
+        output = os.path.join(args.checkpoint, f"eval_{args.val_split}.json")
+    check_path("--output", output, "file", write=True, what="a file path for the JSON results")
+
+
 def run_predict(args):
+    validate_checkpoint_use(args)
     sentences = read_sentences(args)
     probabilities = modes.predict(args.checkpoint, sentences, args.device, args.dtype, args.weights, args.batch_size)
     for sentence, p in zip(sentences, probabilities):
@@ -455,12 +438,27 @@ def run_predict(args):
 
 
 def run_eval(args):
+    validate_checkpoint_use(args)
     modes.evaluate_checkpoint(args.checkpoint, DataConfig(args.data_dir, args.val_split), args.output, args.device,
                               args.dtype, args.weights, args.batch_size)
 
 
+# --- tune-report and compare -------------------------------------------------
+
+def run_tune_report(args):
+    if args.plots_dir is None:  # next to its table: a sweep's plot stays with the sweep
+        args.plots_dir = os.path.dirname(args.table) or "."
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    return tune.run_tune_report(args)
+
+
+def run_compare(args):
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    return tune.run_compare(args)
+
+
 RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "LoRA": run_training, "rnn": run_training,
-           "distil": run_training, "tune-report": tune.run_tune_report, "compare": tune.run_compare}
+           "distil": run_training, "tune-report": run_tune_report, "compare": run_compare}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 

@@ -76,29 +76,57 @@ class DirectoryLocked(UserError):
 class lock_dir:
     """Hold an exclusive lock on directory/.lock while a run writes there: a second
     run started in the same directory is refused at once instead of interleaving
-    its files. The operating system drops the lock if the process dies."""
+    its files. The operating system drops the lock if the process dies; a run that
+    ends removes the file (and the directory, if it made it and wrote nothing)."""
 
     def __init__(self, directory):
         self.directory = directory
+        self.path = os.path.join(directory, ".lock")
 
     def __enter__(self):
         import fcntl
-        self.created = not os.path.isdir(self.directory)
-        os.makedirs(self.directory, exist_ok=True)
-        self.file = open(os.path.join(self.directory, ".lock"), "w")
+        self.created = False
+        while True:
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, exist_ok=True)
+                self.created = True
+            try:
+                file = open(self.path, "a")
+            except FileNotFoundError:  # the directory, just removed by a holder that wrote nothing
+                continue
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.close()
+                raise DirectoryLocked(f"another run is writing to {self.directory} (it holds {self.path}); "
+                                      "wait for it to finish or pass another --out-dir") from None
+            # A holder that ends removes the file while it holds the lock (and the
+            # directory, if it made it and wrote nothing). If that happened between
+            # our open and our lock, ours is the lock of a removed file, which the
+            # next run would not see: open the file anew.
+            if self._holds_the_file(file):
+                self.file = file
+                return self
+            file.close()
+
+    def _holds_the_file(self, file):
+        """Whether the open file is still the one at self.path."""
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            raise DirectoryLocked(f"another run is writing to {self.directory} (it holds {self.directory}/.lock); "
-                                  "wait for it to finish or pass another --out-dir") from None
-        return self
+            return os.path.samestat(os.fstat(file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
 
     def __exit__(self, *exc):
-        self.file.close()
-        if self.created and os.listdir(self.directory) == [".lock"]:  # a run that wrote nothing leaves nothing
-            os.remove(os.path.join(self.directory, ".lock"))
-            os.rmdir(self.directory)
+        try:
+            if self._holds_the_file(self.file):  # removed while held, so no other run can be holding it
+                os.remove(self.path)
+        finally:
+            self.file.close()
+        if self.created:  # a run that wrote nothing leaves nothing
+            try:
+                os.rmdir(self.directory)
+            except OSError:  # it holds files: the run's
+                pass
         return False
 
 

@@ -191,7 +191,7 @@ def test_unknown_gpt_variant_lists_choices(capsys):
 
 
 def test_missing_weights_dir(capsys, tmp_path):
-    assert_one_line_error(*cli(capsys, "--weights", tmp_path / "nope"), "--weights", "no such directory")
+    assert_one_line_error(*cli(capsys, "--weights", tmp_path / "nope"), "--weights", "does not exist", "config.json")
 
 
 def test_weights_dir_without_config(capsys, tmp_path, tiny_ckpt):

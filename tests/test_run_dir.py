@@ -17,7 +17,7 @@ def test_a_finished_run_keeps_its_plot_and_drops_its_resume_state(tmp_path, tmp_
     out = tmp_path / "run"
     code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out))
     assert code == 0, err
-    assert sorted(os.listdir(out)) == [".lock", "metrics.json", "plots", "student.json", "student.safetensors"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "plots", "student.json", "student.safetensors"]
     assert os.listdir(out / "plots") == ["rnn_run.png"]
     code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "kept", "--keep-resume-state"))
     assert code == 0, err

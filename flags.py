@@ -1,0 +1,138 @@
+"""The flags' own machinery, for run.py: argparse that reports a bad argument in one
+line (with a "did you mean" by meaning, then by spelling), and the checks of a
+flag's value (in_range) and path (check_path) that run.py's validators use before
+any file is read."""
+import argparse
+import difflib
+import os
+import re
+import sys
+import tempfile
+
+from utils import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, with a "did you mean" for
+    a misspelt mode or flag, and accepts every --dashed-flag also as
+    --underscored_flag (e.g. --gpt_variant) without listing it twice in --help."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            args = [dashed(a) for a in args]
+        self.seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        hint = ""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"[\w-]+", choice.group(2))
+            hint = close_match(choice.group(1), options)
+        elif message.startswith("unrecognized arguments:"):
+            flags = {f for p in self.all_parsers() for f in p._option_string_actions}
+            # a flag suggested by meaning must be one of the mode's own
+            modes = {name: p for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                     for name, p in action.choices.items()}
+            mode = modes.get(next(iter(getattr(self, "seen", [])), None))
+            aliases = {typed: meant for typed, meant in FLAG_ALIASES.items()
+                       if mode is None or meant in mode._option_string_actions}
+            for unknown in message.split(":", 1)[1].split():
+                if unknown.startswith("--"):
+                    hint = hint or close_match(unknown.split("=")[0], flags, aliases)
+        raise UserError(f"{message}{hint} (see python {self.prog} --help)")
+
+    def all_parsers(self):
+        yield self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from sub.all_parsers()
+
+
+# Flags as other tools spell them, by meaning: spelling alone would suggest another
+# flag (--learning-rate -> --rnn-type). Keys as dashed() writes them.
+FLAG_ALIASES = {"--learning-rate": "--lr", "--bs": "--batch-size", "--batch": "--batch-size",
+                "--num-epochs": "--epochs", "--n-epochs": "--epochs", "--max-epochs": "--epochs"}
+
+
+def close_match(word, options, aliases=None):
+    """"; did you mean X?" for word: its meaning from aliases first (when X is one of
+    options), else the closest spelling among options and the aliases (a misspelt
+    alias, --learning-rat, means what the alias means); "" when nothing is close."""
+    aliases = {typed: meant for typed, meant in (aliases or {}).items() if meant in options}
+    word = dashed(word)
+    if word in aliases:
+        return f"; did you mean {aliases[word]}?"
+    best = difflib.get_close_matches(word, [*options, *aliases], n=1, cutoff=0.6)
+    return f"; did you mean {aliases.get(best[0], best[0])}?" if best else ""
+
+
+def dashed(arg):
+    """--some_flag[=value] -> --some-flag[=value]: underscores are accepted in flag names."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def seed_value(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 32:  # NumPy's seed range
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def in_range(args, interval, *flags):
+    """Raise a UserError unless each flag's value (None: not given) lies in interval,
+    written as in maths: "[0, 1)", "(0, inf)". Comparisons are written so that nan fails."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            bounds = f"in {interval}" if high < float("inf") else f"{'>=' if interval[0] == '[' else '>'} {low:g}"
+            raise UserError(f"{flag} must be {bounds}, got {value}")
+
+
+def check_path(flag, path, kind="dir", exists=False, write=False, what=None):
+    """Raise a one-line UserError unless the path given for flag (None: not given)
+    will do, checked before any work: a path that exists is a `kind` ("dir" or
+    "file"); with exists=True it must exist; with write=True it can be written: the
+    directory that must take a new entry (the directory itself, else the parent of
+    the file or of what is to be created, else the first ancestor that exists) is a
+    directory in which one can be created. That is tried (an empty directory made
+    and removed), not judged from mode bits, which do not stop root and do not know
+    read-only or virtual file systems."""
+    if path is None:
+        return
+    path = str(path)
+    what = what or ("a directory" if kind == "dir" else "a file path")
+    if not path.strip():
+        raise UserError(f"{flag} is empty; pass {what}")
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise UserError(f"{flag} {path} is a broken symbolic link; pass {what}")
+    if os.path.exists(path):
+        if kind == "dir" and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file; pass {what}")
+        if kind == "file" and not os.path.isfile(path):
+            found = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise UserError(f"{flag} {path} is {found}; pass {what}")
+    elif exists:
+        raise UserError(f"{flag} {path} does not exist; pass {what}")
+    if not write:
+        return
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        found = "a file" if os.path.isfile(target) else "not a directory"
+        raise UserError(f"{flag} {path} cannot be created: {target} is {found}; pass another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=target))
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {target} is not writable ({e.strerror}); "
+                        f"pass another {flag}") from None
