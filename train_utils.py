@@ -328,8 +328,8 @@ def compile_model(model, device):
 def compile_note(device, steps, shapes):
     """One line before a --compile run that cannot pay off, else None."""
     if device.type != "cuda":
-        return (f"note: --compile on {device.type.upper()}: compiling the {shapes} batch shapes takes minutes and "
-                "a CPU step gains little from it (README, Benchmarks); drop --compile unless you measured a gain")
+        return (f"note: --compile on {device.type.upper()}: each of the {shapes} batch shapes compiles for a minute "
+                "or more before its first step; only a long run earns that back (README, Benchmarks)")
     if steps < 200:
         return (f"note: --compile: this run has only {steps} steps; compiling its {shapes} batch shapes may take "
                 "longer than it saves")
