@@ -68,6 +68,7 @@ def bench_gen(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from model import GPT
+    from train_utils import autocast_for, resolve_precision, tf32_products
     device = torch.device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as ckpt:
@@ -78,11 +79,21 @@ def bench_gen(args):
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens), device=device)
     new = args.new_tokens
 
-    def run_reference():
-        with torch.inference_mode():
-            return reference.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                      use_cache=True, pad_token_id=50256)
+    # both sides in one precision, named: gen's auto (bf16 autocast on CUDA, float32 on CPUs) or --dtype
+    precision = resolve_precision(device, args.dtype, matrix_bound=False)
 
+    def in_precision(fn):
+        def run():
+            with tf32_products(precision), autocast_for(device, precision), torch.inference_mode():
+                return fn()
+        return run
+
+    @in_precision
+    def run_reference():
+        return reference.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  use_cache=True, pad_token_id=50256)
+
+    @in_precision
     def run_ours():
         return ours.generate(prompt, new, greedy=True, stop_token=None)
 
@@ -92,8 +103,10 @@ def bench_gen(args):
     ceiling = matvec_ceiling(ours, new, device)
     ceiling_out_in = matvec_ceiling(ours, new, device, layout="out,in")
     print(f"device: {device_name(device)}")
-    print(f"greedy, batch 1, {args.prompt_tokens}-token prompt, {new} new tokens, gpt2 shape, best of {args.repeats}")
-    print(f"tokens identical to transformers: {same}")
+    print(f"greedy, batch 1, {args.prompt_tokens}-token prompt, {new} new tokens, gpt2 shape, best of {args.repeats}, "
+          f"both sides in {precision}")
+    print(f"tokens identical to transformers: {same}" + ("" if precision == "float32" else
+                                                         " (rounding may part them outside float32)"))
     print(f"transformers generate: {new / t_ref:.1f} tok/s")
     print(f"ours:                  {new / t_ours:.1f} tok/s")
     print(f"ceiling, bare vector-matrix products over every weight per token: {ceiling:.1f} tok/s "
@@ -104,11 +117,12 @@ def bench_gen(args):
     # generate(num_return_sequences=8); tokens/s summed over the samples
     samples = 8
 
+    @in_precision
     def sample_reference():
-        with torch.inference_mode():
-            return reference.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=50,
-                                      num_return_sequences=samples, use_cache=True, pad_token_id=50256)
+        return reference.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=50,
+                                  num_return_sequences=samples, use_cache=True, pad_token_id=50256)
 
+    @in_precision
     def sample_ours():
         return ours.generate(prompt.repeat(samples, 1), new, top_k=50, stop_token=None,
                              generator=torch.Generator(device=device).manual_seed(0))
@@ -118,7 +132,7 @@ def bench_gen(args):
     t_ours8 = best_of(args.repeats, sample_ours, device)
     print(f"--num-samples {samples} (top-k 50 sampling), tokens/s over all samples: transformers "
           f"{samples * new / t_ref8:.1f}, ours {samples * new / t_ours8:.1f}, ratio {t_ref8 / t_ours8:.2f}")
-    return {"bench": "gen", "device": device_name(device), "ours": new / t_ours, "reference": new / t_ref,
+    return {"bench": "gen", "device": device_name(device), "precision": precision, "ours": new / t_ours, "reference": new / t_ref,
             "ratio": t_ref / t_ours, "ceiling": ceiling, "ceiling_share": new / t_ours / ceiling, "identical": same,
             "samples8_ours": samples * new / t_ours8, "samples8_reference": samples * new / t_ref8,
             "samples8_ratio": t_ref8 / t_ours8}
@@ -461,6 +475,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--shape", default="gpt2", choices=("gpt2", "gpt2-medium"), help="lora: the GPT-2 shape")
     p.add_argument("--compile", action="store_true", help="lora: also time torch.compile off CUDA (on CUDA always)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "tf32", "bfloat16"),
+                   help="gen: the precision of both sides (default auto: as run.py gen)")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
     args = p.parse_args()
     result = BENCHES[args.bench](args)
