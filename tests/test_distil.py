@@ -139,7 +139,7 @@ def test_distilrnn_rejects_unknown_type():
 
 
 # ---------------------------------------------------------------------------
-# Teacher.prepare: the right teacher row for every sentence of a shuffled batch
+# DistilLoss: the right teacher row for every sentence of a shuffled batch
 # ---------------------------------------------------------------------------
 
 def test_teacher_logits_follow_the_rows_of_shuffled_batches():
@@ -409,7 +409,7 @@ def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher
         assert code == 0, err
         assert err.count("running the teacher") == computed, (val_split, err)
     assert len(cache_files(teacher)) == 3  # train, val in, val out
-    # the same teacher under bf16 autocast (as on a GPU): its own files; the float32 ones stay
+    # the same teacher under bf16 autocast (as on a GPU): its own files, and the float32 ones are removed
     monkeypatch.setattr(train_utils, "precision_of", lambda device, dtype="auto": "bf16-autocast")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
