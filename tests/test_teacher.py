@@ -51,7 +51,7 @@ def cache_names(cache):
     return sorted(os.listdir(cache))
 
 
-def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
+def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factory, capsys):
     teacher = teacher_copy(tiny_bert, tmp_path)
     data = cola_dir()
     argv = ["distil", *STUDENT, "--epochs", "1", "--data-dir", data, "--teacher", teacher, "--augment", "1",
@@ -86,6 +86,14 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(logits["augment"][rows]), reference_logits(teacher, texts),
                                atol=1e-4, rtol=1e-4)
 
+    # The cache's reuse needs no 8551 sentences: these runs take the first 300 training and 100
+    # validation rows of the same files (the later --data-dir wins), whose files join the cache.
+    argv = [*argv, "--data-dir", subset_dir(tmp_path_factory)]
+    code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "subset")
+    assert code == 0, err
+    assert err.count("running the teacher") == 3 and "over 300 augment sentences" in err
+    subset_names = cache_names(cache)
+    assert set(names) < set(subset_names) and len(subset_names) == 6
     # again: every logit from the cache
     code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "again")
     assert code == 0, err
@@ -95,9 +103,10 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
     for extra in (["--mask-prob", "0.3"], ["--seed", "1"]):
         code, _, err = cli(capsys, *argv, *extra, "--out-dir", tmp_path / "other")
         assert code == 0, err
-        assert err.count("running the teacher") == 1 and "over 8551 augment sentences" in err
+        assert err.count("running the teacher") == 1 and "over 300 augment sentences" in err
+        assert err.count("from cache") == 2  # train and val
         shutil.rmtree(tmp_path / "other")
-    assert set(names) < set(cache_names(cache)) and len(cache_names(cache)) == 5
+    assert set(subset_names) < set(cache_names(cache)) and len(cache_names(cache)) == 8
 
     # predict needs no teacher: the student stands alone, even with the teacher gone
     shutil.rmtree(teacher)
