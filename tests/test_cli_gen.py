@@ -296,4 +296,5 @@ def test_dtype_float32_is_exact_and_bfloat16_decodes_under_autocast(capsys, tiny
 def test_unknown_dtype_is_a_one_line_error(capsys, tiny_ckpt):
     code, out, err = cli(capsys, "--weights", tiny_ckpt.path, "--dtype", "fp8")
     assert code == 2 and out == "" and "Traceback" not in err
-    assert "--dtype" in err and "float32" in err
+    assert err.endswith("\n") and err.count("\n") == 1, err  # exactly one line
+    assert err.startswith("error:") and "--dtype" in err and "float32" in err

@@ -141,7 +141,7 @@ def test_distilrnn_rejects_unknown_type():
 
 
 # ---------------------------------------------------------------------------
-# Teacher.prepare: the right teacher row for every sentence of a shuffled batch
+# DistilLoss: the right teacher row for every sentence of a shuffled batch
 # ---------------------------------------------------------------------------
 
 def test_teacher_logits_follow_the_rows_of_shuffled_batches():

@@ -16,6 +16,8 @@ from model import GPT, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora,
 from train_utils import TrainConfig, fit, infer, make_training, train_epoch
 from utils import Split, TokenizedSplit
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 CPU = torch.device("cpu")
 SENTENCES = ["The cat sat on the mat.", "Mat the on sat cat the.", "John seems to be happy.",
              "Who do you think that left?", "The more you eat, the fatter you get.",

@@ -73,7 +73,9 @@ def test_lora_linear_formula():
 
 @pytest.mark.parametrize("rank,alpha", [(0, 8.0), (-1, 8.0), (4, 0.0), (4, -2.0)])
 def test_lora_linear_rejects_bad_rank_or_alpha(rank, alpha):
-    with pytest.raises(ValueError):
+    import re
+    message = f"LoRA rank must be >= 1, got {rank}" if rank < 1 else f"LoRA alpha must be > 0, got {alpha}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         LoRALinear(Linear(4, 4), rank=rank, alpha=alpha)
 
 

@@ -133,31 +133,69 @@ def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, 
     assert_same_run(out, str(tmp_path / "straight"))
 
 
-@pytest.mark.parametrize("mode", ["LoRA", "rnn", "distil"])
-def test_two_process_gloo_matches_one_process(mode, tmp_path, tmp_path_factory, tiny_ckpt):
-    """distil starts with an empty teacher cache: rank 0 runs the teacher while rank 1
-    waits, and neither may wait for the other inside the teacher's run."""
-    argv = mode_argv(mode, tmp_path_factory, tiny_ckpt) + ["--epochs", "2"] + common(tmp_path)
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_ok(*argv, "--out-dir", one, *(["--teacher-cache", tmp_path / "cache_one"] if mode == "distil" else []))
-    # gloo on CPU processes; hide any GPU so that no rank reaches for cuda:1 on a one-GPU machine
+def torchrun(argv, tmp_path):
+    """run.py ARGV under torchrun as 2 gloo processes on the CPU; returns their stderr."""
+    # hide any GPU so that no rank reaches for cuda:1 on a one-GPU machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv), "--out-dir", two,
-               *(["--teacher-cache", str(tmp_path / "cache_two")] if mode == "distil" else [])]
+               os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    if mode == "distil":
-        # rank 0 only: the training, validation and synthetic sentences (distil's default --augment)
-        assert result.stderr.count("running the teacher") == 3
-    epochs_one, _ = epochs_without_time(one)
-    epochs_two, _ = epochs_without_time(two)
-    assert [e["val_n"] for e in epochs_two] == [100, 100]  # the whole validation subset, each row once
+    return result.stderr
+
+
+def assert_same_run_up_to_rounding(one, two):
+    """Two runs whose sums were added up in another order: the same epochs, metrics
+    and weights (the best epoch's, and the last epoch's where a resume state was kept)
+    up to rounding; every validation sentence counted once."""
+    import torch
+    epochs_one, metrics_one = epochs_without_time(one)
+    epochs_two, metrics_two = epochs_without_time(two)
+    assert len(epochs_one) == len(epochs_two) and metrics_one["best_epoch"] == metrics_two["best_epoch"]
     for a, b in zip(epochs_one, epochs_two):
+        assert a["val_n"] == b["val_n"] == 100  # the whole validation subset, each row once
         for key in ("train_loss", "val_loss", "val_acc", "val_mcc", "train_acc"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    weights = [(weights_of(one), weights_of(two))]
+    if os.path.exists(os.path.join(one, "resume_state.pt")):
+        weights.append(tuple(torch.load(os.path.join(run, "resume_state.pt"), weights_only=True)["trainable"]
+                             for run in (one, two)))
+    for weights_one, weights_two in weights:
+        assert weights_one.keys() == weights_two.keys()
+        for key in weights_one:
+            torch.testing.assert_close(weights_two[key], weights_one[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_ckpt):
+    """Data parallel training under torchrun (2 gloo processes) is the one-process run up
+    to rounding. distil (the RNN student trained in full, as rnn is) resumes under 2
+    processes a run stopped after epoch 1, with an empty teacher cache: rank 0 runs the
+    teacher while rank 1 waits, and neither may wait for the other inside the teacher's
+    run. LoRA, one short epoch from the start: DDP over a frozen base with adapters."""
+    # float32: "up to rounding" is float32's; bf16 autocast (auto on a CPU with AMX) rounds
+    # coarsely enough to flip a training prediction between one process and two
+    distil = [*mode_argv("distil", tmp_path_factory, tiny_ckpt), "--epochs", "2", "--dtype", "float32",
+              *common(tmp_path)]
+    cache = tmp_path / "cache"
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    # the kept resume state holds the last epoch's weights (the best epoch may be the first)
+    run_ok(*distil, "--teacher-cache", cache, "--out-dir", one, "--keep-resume-state")
+    # epoch 1 in one process; epoch 2 resumed in two, with the teacher cache emptied in between
+    run_ok(*distil, "--teacher-cache", cache, "--out-dir", two, "--stop-after", "1")
+    shutil.rmtree(cache)
+    err = torchrun([*distil, "--teacher-cache", cache, "--out-dir", two, "--resume", "--keep-resume-state"], tmp_path)
+    # rank 0 only: the training, validation and synthetic sentences (distil's default --augment)
+    assert err.count("running the teacher") == 3 and len(os.listdir(cache)) == 3
     # only rank 0 spoke
-    assert result.stderr.count("epoch 2/2:") == 1
+    assert err.count("resuming after epoch 1 of 2") == 1 and err.count("epoch 2/2:") == 1
+    assert "epoch 1/2:" not in err
+    assert_same_run_up_to_rounding(one, two)
+
+    lora = [*mode_argv("LoRA", tmp_path_factory, tiny_ckpt), "--epochs", "1", "--dtype", "float32", *common(tmp_path)]
+    run_ok(*lora, "--out-dir", tmp_path / "lora_one")
+    err = torchrun([*lora, "--out-dir", tmp_path / "lora_two"], tmp_path)
+    assert err.count("epoch 1/1:") == 1
+    assert_same_run_up_to_rounding(str(tmp_path / "lora_one"), str(tmp_path / "lora_two"))
 
 
 def read_table(path):

@@ -52,7 +52,7 @@ def cache_names(cache):
     return sorted(os.listdir(cache))
 
 
-def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
+def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factory, capsys):
     teacher = teacher_copy(tiny_bert, tmp_path)
     data = cola_dir()
     # float32, pinned: the cached logits are compared with transformers' float32 ones below
@@ -88,6 +88,14 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(logits["augment"][rows]), reference_logits(teacher, texts),
                                atol=1e-4, rtol=1e-4)
 
+    # The cache's reuse needs no 8551 sentences: these runs take the first 300 training and 100
+    # validation rows of the same files (the later --data-dir wins), whose files join the cache.
+    argv = [*argv, "--data-dir", subset_dir(tmp_path_factory)]
+    code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "subset")
+    assert code == 0, err
+    assert err.count("running the teacher") == 3 and "over 300 augment sentences" in err
+    subset_names = cache_names(cache)
+    assert set(names) < set(subset_names) and len(subset_names) == 6
     # again: every logit from the cache
     code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "again")
     assert code == 0, err
@@ -97,13 +105,16 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, capsys):
     for extra in (["--mask-prob", "0.3"], ["--seed", "1"]):
         code, _, err = cli(capsys, *argv, *extra, "--out-dir", tmp_path / "other")
         assert code == 0, err
-        assert err.count("running the teacher") == 1 and "over 8551 augment sentences" in err
+        assert err.count("running the teacher") == 1 and "over 300 augment sentences" in err
+        assert err.count("from cache") == 2  # train and val
         shutil.rmtree(tmp_path / "other")
-    assert set(names) < set(cache_names(cache)) and len(cache_names(cache)) == 5
+    assert set(subset_names) < set(cache_names(cache)) and len(cache_names(cache)) == 8
 
-    # predict and eval need no teacher: the student stands alone
+    # predict needs no teacher: the student stands alone, even with the teacher gone
+    shutil.rmtree(teacher)
     code, stdout, err = cli(capsys, "predict", "--checkpoint", tmp_path / "distil", "The cat sat.")
-    assert code == 0, err and stdout.count("\n") == 1
+    assert code == 0, err
+    assert stdout.count("\n") == 1 and stdout.endswith("\tThe cat sat.\n"), stdout  # one line: label, p, sentence
 
 
 def test_teacher_cache_flag_and_changed_teacher(tiny_bert, tmp_path, tmp_path_factory, capsys):

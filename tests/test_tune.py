@@ -117,7 +117,14 @@ def test_tune_report_groups_seeds(tmp_path, capsys):
     # a run of another fixed setting stays apart
     append_tsv_row(table, {"settings": "lr=1e-3 seed=0", "best_epoch": 1, "val_acc": 0.5, "val_mcc": 0.5,
                            "seconds": 1.0, "out_dir": "x", "fixed": json.dumps({"epochs": 1})})
-    assert len(TUNE_COLUMNS) == 7
+    # the file: one header of the seven columns, then a row of seven fields per run
+    import csv
+    with open(table, newline="") as f:
+        written = list(csv.reader(f, delimiter="\t"))
+    assert written[0] == list(TUNE_COLUMNS) == ["settings", "best_epoch", "val_acc", "val_mcc", "seconds", "out_dir",
+                                                "fixed"]
+    assert len(written) == 1 + 6 and all(len(row) == 7 for row in written)
+    assert written[1][:4] == ["lr=1e-3 seed=0", "3", "0.66", "0.1"] and json.loads(written[1][6]) == {"epochs": 5}
     code, out, err = cli(capsys, "tune-report", table, "--plots-dir", tmp_path / "plots")
     assert code == 0, err
     lines = out.strip().splitlines()[1:]
