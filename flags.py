@@ -136,3 +136,19 @@ def check_path(flag, path, kind="dir", exists=False, write=False, what=None):
     except OSError as e:
         raise UserError(f"{flag} {path} cannot be written: {target} is not writable ({e.strerror}); "
                         f"pass another {flag}") from None
+
+
+def given_flags(parser, mode, argv):
+    """The dests of the flags written on the command line of mode (abbreviations and
+    --flag=value included), so that --resume can tell them from defaults."""
+    sub = next(p for p in parser.all_parsers() if p is not parser and p.prog.split()[-1] == mode)
+    options = sub._option_string_actions
+    given = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = dashed(token).split("=")[0]
+        matches = [name] if name in options else [o for o in options if o.startswith(name)]
+        if len(matches) == 1:
+            given.add(options[matches[0]].dest)
+    return given

@@ -13,9 +13,9 @@ import modes
 import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
-from flags import Parser, check_path, in_range, seed_value
+from flags import Parser, check_path, given_flags, in_range, seed_value
 from model import PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
-from rundir import RunConfig, claim_out_dir
+from rundir import RunConfig, claim_out_dir, read_metrics
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
 from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, info
 
@@ -462,10 +462,27 @@ RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "LoRA": run
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 
+def settings_from_the_run(args, parser, argv):
+    """--resume takes the run's settings from its own metrics.json: a flag not written
+    on the command line gets the value the run was started with (one written there
+    must agree with it, or the resume is refused as before)."""
+    if not (args.mode in TRAINING_MODES and args.resume and not args.tune):
+        return
+    if not os.path.isfile(os.path.join(args.out_dir, "metrics.json")):
+        return  # nothing finished yet: claim_out_dir says what is wrong
+    saved = read_metrics(args.out_dir).get("args") or {}
+    given = given_flags(parser, args.mode, argv)
+    for name, value in saved.items():
+        if name not in RUN_CONTROL and name not in given and hasattr(args, name):
+            setattr(args, name, value)
+
+
 def main(argv=None):
     try:
         argv = canonical_mode(sys.argv[1:] if argv is None else list(argv))
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        settings_from_the_run(args, parser, argv[1:])
         if args.mode in TRAINING_MODES and args.tune:
             validate_training(args)
             tune.run_tune(args, argv, build_parser(), run_training, RUN_CONTROL)

@@ -279,3 +279,18 @@ def test_interrupt_in_the_first_epoch_says_nothing_was_saved(tmp_path, tmp_path_
     assert code == 130 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert "before any epoch finished" in last and "1-0" not in last
+
+
+def test_resume_with_no_other_flags_continues_exactly(tmp_path, tmp_path_factory, tiny_ckpt, capsys):
+    """--resume takes the run's settings from its own metrics.json: nothing to retype,
+    and the result is the uninterrupted run's. A flag written anew must still agree."""
+    argv = mode_argv("distil", tmp_path_factory, tiny_ckpt) + ["--lr", "0.003", "--rnn-type", "gru",
+                                                              "--augment", "1", *common(tmp_path)]
+    run_ok(*argv, "--out-dir", tmp_path / "straight")
+    run_ok(*argv, "--out-dir", tmp_path / "stopped", "--stop-after", "1")
+    run_ok("distil", "--out-dir", tmp_path / "stopped", "--resume", "--device", "cpu", *common(tmp_path))
+    assert_same_run(str(tmp_path / "stopped"), str(tmp_path / "straight"))
+    run_ok(*argv, "--out-dir", tmp_path / "again", "--stop-after", "1")
+    code, stdout, err = cli(capsys, "distil", "--out-dir", tmp_path / "again", "--resume", "--lr", "0.01",
+                            *common(tmp_path))
+    assert_error(code, stdout, err, "--resume", "lr", only_line=False)
