@@ -3,6 +3,7 @@ flags). A training mode returns a Task, what the one generic run (`train`, below
 needs: the model, its loss, how its weights are saved and its own metrics.json
 fields. Read top-down, a mode is a straight line: mode, train, then fit's loop
 (train_utils.py). predict and eval classify with a saved checkpoint."""
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -13,7 +14,7 @@ from checkpoints import load_classifier, save_lora_adapter, save_student
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
 from model import GPT, PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
-from rundir import RunConfig, new_record, plot_history, write_metrics
+from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
 from utils import (HUB_IDS, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
                    init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
@@ -144,17 +145,23 @@ def train(mode, task: Task, run: RunConfig, cfg: TrainConfig, device):
         info(f"parameters: {params['total']:,} total, {params['trainable']:,} trained "
              f"({100 * params['trainable'] / params['total']:.2f}% of them)")
 
+    train_set, val_set = task.data
+    log = TrainingLog(run.log_dir, math.ceil(len(train_set) / cfg.batch_size), run.resume) \
+        if run.log_dir and is_main_process() else None
+
     def epoch_end(history, is_best, val):
         if task.epoch_metrics is not None:
             history[-1].update(task.epoch_metrics(val))
         if is_best:
             task.save(run.out_dir)
         write_metrics(run, record, history)
+        if log is not None:
+            log.epoch(history[-1])
 
-    train_set, val_set = task.data
     history = fit(task.model, train_set, val_set, cfg, device, loss_fn=task.loss_fn, on_epoch_end=epoch_end,
                   progress=run.progress, state_path=run.state_path, resume=run.resume, signature=run.signature,
-                  signature_defaults=run.signature_defaults, stop_after=run.stop_after, compile=run.compile)
+                  signature_defaults=run.signature_defaults, stop_after=run.stop_after, compile=run.compile,
+                  on_steps=log.steps if log is not None else None)
     if not is_main_process():
         return record
     if len(history) < cfg.epochs:

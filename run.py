@@ -21,7 +21,7 @@ from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
-               "compile", "overwrite", "keep_resume_state")
+               "compile", "overwrite", "keep_resume_state", "log_dir")
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
 ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
@@ -180,6 +180,9 @@ def add_training(p, out_dir):
     p.add_argument("--grad-clip", type=float, default=TRAIN.grad_clip,
                    help=f"max gradient norm, 0 = off (default {TRAIN.grad_clip:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log-dir", metavar="DIR", help="write every step's loss and learning rate and every epoch's "
+                                                    "metrics to DIR: CSV files, and TensorBoard's when tensorboard "
+                                                    "is installed")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last full epoch")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir")
     p.add_argument("--keep-resume-state", action="store_true",
@@ -277,6 +280,7 @@ def check_training_paths(args):
     after the training it was to hold."""
     check_path("--out-dir", args.out_dir, "dir", write=True)
     check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    check_path("--log-dir", args.log_dir, "dir", write=True)
     if args.tune:
         check_path("--tuning-dir", args.tuning_dir, "dir", write=True)
     check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
@@ -340,7 +344,7 @@ def run_config(args):
     settings = settings_of(args)
     return RunConfig(out_dir=args.out_dir, plots_dir=args.plots_dir, resume=args.resume, overwrite=args.overwrite,
                      stop_after=args.stop_after, compile=args.compile, keep_resume_state=args.keep_resume_state,
-                     progress=not args.no_progress, settings=settings,
+                     progress=not args.no_progress, log_dir=args.log_dir, settings=settings,
                      signature={"mode": args.mode, **{k: v for k, v in settings.items() if k not in RUN_CONTROL}},
                      signature_defaults=ADDED_SETTINGS)
 
@@ -473,7 +477,8 @@ def settings_from_the_run(args, parser, argv):
     saved = read_metrics(args.out_dir).get("args") or {}
     given = given_flags(parser, args.mode, argv)
     for name, value in saved.items():
-        if name not in RUN_CONTROL and name not in given and hasattr(args, name):
+        restored = name not in RUN_CONTROL or name in ("plots_dir", "log_dir")  # the run's outputs stay together
+        if restored and name not in given and hasattr(args, name):
             setattr(args, name, value)
 
 

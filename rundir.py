@@ -1,5 +1,6 @@
 """A training run's directory: its settings, claiming --out-dir, metrics.json (written
 after every epoch, read by eval, tune-report and compare) and the run's plot."""
+import csv
 import json
 import os
 import platform
@@ -10,7 +11,7 @@ from importlib.metadata import version
 import torch
 
 from train_utils import best_epoch, precision_of
-from utils import UserError, atomic_write, file_sha256s, save_json
+from utils import UserError, atomic_write, file_sha256s, info, save_json
 
 # What a run writes into its --out-dir (--overwrite removes these, nothing else)
 RUN_FILES = ("metrics.json", "resume_state.pt", "student.safetensors", "student.json", "tokenizer", "adapter",
@@ -28,6 +29,7 @@ class RunConfig:
     compile: bool = False          # torch.compile the training forward
     keep_resume_state: bool = False  # keep resume_state.pt once the run completes
     progress: bool = True          # progress bars
+    log_dir: str = None            # per-step and per-epoch logs: CSV, and TensorBoard when installed
     settings: dict = field(default_factory=dict)        # the flags as given: metrics.json's "args"
     signature: dict = field(default_factory=dict)       # the settings --resume must find unchanged
     signature_defaults: dict = field(default_factory=dict)  # what a run saved before a setting existed ran as
@@ -87,6 +89,53 @@ def write_metrics(run: RunConfig, record, history):
     record["epochs"] = history
     record["best_epoch"] = best_epoch(history)["epoch"]
     save_json(run.metrics_path, record)
+
+
+class TrainingLog:
+    """--log-dir: every step's loss and learning rate (steps.csv) and every epoch's
+    metrics (epochs.csv), and the same as TensorBoard scalars when tensorboard is
+    installed (optional: CSV alone otherwise). A resumed run appends; a new one starts
+    the files anew."""
+    STEP_COLUMNS = ("epoch", "step", "loss", "lr")
+    EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "train_mcc", "val_loss", "val_acc", "val_mcc",
+                     "val_agreement", "seconds")
+
+    def __init__(self, log_dir, steps_per_epoch, resume=False):
+        self.dir, self.steps_per_epoch = log_dir, steps_per_epoch
+        os.makedirs(log_dir, exist_ok=True)
+        for name, columns in (("steps.csv", self.STEP_COLUMNS), ("epochs.csv", self.EPOCH_COLUMNS)):
+            path = os.path.join(log_dir, name)
+            if not (resume and os.path.isfile(path)):
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerow(columns)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(log_dir)
+        except ImportError:
+            self.tensorboard = None
+            info(f"note: tensorboard is not installed; --log-dir {log_dir} gets CSV files only "
+                 "(pip install tensorboard for its event files)")
+
+    def _append(self, name, rows):
+        with open(os.path.join(self.dir, name), "a", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    def steps(self, epoch, losses, lrs):
+        first = (epoch - 1) * self.steps_per_epoch + 1
+        rows = [(epoch, first + i, f"{loss:.6g}", f"{lr:.6g}") for i, (loss, lr) in enumerate(zip(losses, lrs))]
+        self._append("steps.csv", rows)
+        if self.tensorboard is not None:
+            for _, step, loss, lr in rows:
+                self.tensorboard.add_scalar("train/step_loss", float(loss), step)
+                self.tensorboard.add_scalar("train/lr", float(lr), step)
+
+    def epoch(self, record):
+        self._append("epochs.csv", [[record.get(c, "") for c in self.EPOCH_COLUMNS]])
+        if self.tensorboard is not None:
+            for column in self.EPOCH_COLUMNS[1:-1]:
+                if column in record:
+                    self.tensorboard.add_scalar(column.replace("_", "/", 1), record[column], record["epoch"])
+            self.tensorboard.flush()
 
 
 def read_metrics(run_dir):

@@ -257,13 +257,14 @@ def evaluate(model, batches, device, precision="float32"):
 # ---------------------------------------------------------------------------
 
 def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cross_entropy_loss,
-                grad_clip=1.0, bar=None, precision="float32", show_loss_every=25):
+                grad_clip=1.0, bar=None, precision="float32", show_loss_every=25, steps=None):
     """One pass of optimisation over batches; returns (mean loss, predictions, labels)
     over the epoch's real sentences (gathered from every rank under torchrun).
 
     Nothing in the loop waits for the device: the loss and the predictions pile up
     there and are read once, at the end. Only the progress bar's running loss is
-    read, every show_loss_every steps."""
+    read, every show_loss_every steps. steps, a list, receives each step's
+    (loss on the device, learning rate) for a log to read after the epoch."""
     rank, size = world()
     model.train()
     loss_sum, rows, predictions, labels = torch.zeros((), device=device), 0, [], []
@@ -281,6 +282,8 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
             with autocast_for(device, precision):
                 logits = model(on_device.idx, on_device.lengths).float()
             loss = loss_fn(logits, on_device)
+            if steps is not None:
+                steps.append((loss.detach(), scheduler.get_last_lr()[0]))
             optimizer.zero_grad(set_to_none=True)
             (loss * weight if size > 1 else loss).backward()
             if grad_clip > 0:
@@ -342,7 +345,7 @@ def batch_shapes(batches):
 
 def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entropy_loss,
         on_epoch_end=None, progress=True, state_path=None, resume=False, signature=None,
-        signature_defaults=None, stop_after=None, compile=False):
+        signature_defaults=None, stop_after=None, compile=False, on_steps=None):
     """Train the parameters of model that require grad; evaluate on val_set after
     each epoch.
 
@@ -352,7 +355,9 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
     after each epoch; resume=True continues from it, provided signature (the run's
     settings) matches the saved one (signature_defaults: settings a run saved before
     they existed ran as). stop_after=N ends this call after N epochs, as if killed
-    there. compile=True trains through torch.compile. Returns the epoch records."""
+    there. compile=True trains through torch.compile. on_steps(epoch, losses, lrs)
+    receives every step's loss and learning rate once the epoch is over (rank 0).
+    Returns the epoch records."""
     rank, size = world()
     precision = resolve_precision(device, cfg.dtype)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -386,11 +391,13 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
         start = time.time()
         batches = train_set.batches(cfg.batch_size, shuffle=True, generator=generator, pad_to=pad_to)
         shapes |= {tuple(b.idx.shape) for b in batches}
+        steps = [] if on_steps is not None else None
         try:
             with tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                       disable=not progress or rank != 0) as bar:
                 train_loss, predictions, labels = train_epoch(trained, batches, optimizer, scheduler, params,
-                                                              device, loss_fn, cfg.grad_clip, bar, precision)
+                                                              device, loss_fn, cfg.grad_clip, bar, precision,
+                                                              steps=steps)
         except KeyboardInterrupt:
             if epoch == 1:
                 raise Interrupted("interrupted in epoch 1, before any epoch finished; nothing was saved") from None
@@ -411,6 +418,9 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
         if rank == 0:
             # a Ctrl-C now must not leave half the epoch's files written
             with defer_interrupts():
+                if on_steps is not None:
+                    losses = torch.stack([loss for loss, _ in steps]).cpu().tolist() if steps else []
+                    on_steps(epoch, losses, [lr for _, lr in steps])
                 if on_epoch_end is not None:
                     on_epoch_end(history, is_best, val)
                 if state_path is not None:

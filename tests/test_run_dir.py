@@ -81,3 +81,42 @@ def test_one_epoch_plot_has_room_and_integer_ticks(monkeypatch, tmp_path):
                         str(tmp_path / "seven.png"), "seven")
     ticks = [t for t in figures[1].axes[0].get_xticks() if 1 <= t <= 7]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def read_csv(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_log_dir_writes_every_step_and_epoch_as_csv(tmp_path, tmp_path_factory, capsys):
+    """--log-dir: steps.csv (epoch, step, loss, lr: one row per step, the schedule's lr)
+    and epochs.csv (one row per epoch, metrics.json's numbers); a resumed run appends
+    and ends with the uninterrupted run's files."""
+    import math
+    argv = rnn_argv(tmp_path_factory, tmp_path / "run", "--epochs", "2", "--batch-size", "64",
+                    "--log-dir", tmp_path / "log")
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    steps, epochs = read_csv(tmp_path / "log" / "steps.csv"), read_csv(tmp_path / "log" / "epochs.csv")
+    per_epoch = math.ceil(300 / 64)  # the subset's 300 training sentences
+    assert steps[0] == ["epoch", "step", "loss", "lr"] and len(steps) == 1 + 2 * per_epoch
+    assert [int(r[1]) for r in steps[1:]] == list(range(1, 2 * per_epoch + 1))
+    assert [int(r[0]) for r in steps[1:]] == [1] * per_epoch + [2] * per_epoch
+    lrs = [float(r[3]) for r in steps[1:]]
+    assert max(lrs) <= 1e-3 and lrs[-1] < lrs[len(lrs) // 2]  # warm-up to the peak, then the linear decay
+    assert all(0 < float(r[2]) < 10 for r in steps[1:])
+    with open(tmp_path / "run" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert epochs[0][:7] == ["epoch", "train_loss", "train_acc", "train_mcc", "val_loss", "val_acc", "val_mcc"]
+    assert len(epochs) == 3
+    for row, record in zip(epochs[1:], metrics["epochs"]):
+        assert float(row[6]) == record["val_mcc"] and float(row[1]) == record["train_loss"]
+    # stopped after epoch 1, then resumed: the same rows (the seconds column aside)
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "two", "--epochs", "2", "--batch-size", "64",
+                                         "--log-dir", tmp_path / "log2", "--stop-after", "1"))
+    assert code == 0, err
+    code, _, err = cli(capsys, "rnn", "--out-dir", tmp_path / "two", "--resume", "--no-progress")
+    assert code == 0, err
+    assert read_csv(tmp_path / "log2" / "steps.csv") == steps
+    assert [r[:-1] for r in read_csv(tmp_path / "log2" / "epochs.csv")] == [r[:-1] for r in epochs]
