@@ -441,3 +441,49 @@ def test_lora_teacher_key_follows_its_base(tmp_path, tiny_ckpt, tmp_path_factory
     assert LoRATeacher(run, str(base)).key() == first
     os.utime(base / "model.safetensors", ns=(1, 1))
     assert LoRATeacher(run, str(base)).key() != first
+
+
+def test_teacher_labelling_shows_progress_unless_no_progress(data, teacher, tmp_path, capsys):
+    argv = [a for a in distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1")
+            if a != "--no-progress"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert "teacher:" in err and "sentence/s" in err  # tqdm's bar, labelled, in sentences
+    shutil.rmtree(os.path.join(teacher, "teacher_logits"))
+    code, _, err = cli(capsys, *argv, "--no-progress", "--overwrite")
+    assert code == 0, err
+    assert "teacher:" not in err and "running the teacher" in err
+
+
+def test_ctrl_c_while_the_teacher_labels_keeps_the_batches_done(data, teacher, tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-labelling: a one-line message (not an empty "error: "), the chunks
+    already labelled kept, and the same command continues after them, ending with the
+    same cache as an uninterrupted labelling."""
+    import distil
+    monkeypatch.setattr(distil, "LABEL_CHUNK", 64)
+    argv = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--dtype", "float32")
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    cache = os.path.join(teacher, "teacher_logits")
+    whole = {name: np.load(os.path.join(cache, name)) for name in cache_files(teacher)}
+    shutil.rmtree(cache)
+    real_logits, calls = distil.LoRATeacher.logits, []
+
+    def interrupted_on_the_third_chunk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_logits(self, *args, **kwargs)
+    monkeypatch.setattr(distil.LoRATeacher, "logits", interrupted_on_the_third_chunk)
+    code, _, err = cli(capsys, *argv, "--overwrite")
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err
+    assert last.startswith("error: interrupted while the teacher labelled") and "128 of 300" in last
+    assert [name for name in os.listdir(cache) if name.endswith(".partial.npy")]
+    monkeypatch.setattr(distil.LoRATeacher, "logits", real_logits)
+    code, _, err = cli(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert "continuing the teacher's labelling after 128 of 300" in err
+    assert {name: np.load(os.path.join(cache, name)).tolist() for name in cache_files(teacher)} == \
+        {name: array.tolist() for name, array in whole.items()}
+    assert not [name for name in os.listdir(cache) if name.endswith(".partial.npy")]
