@@ -19,8 +19,8 @@ from checkpoints import CheckpointError, find_adapter_dir, load_lora_classifier,
 from model import _checkpoint_files
 from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
                          resolve_precision, tf32_products)
-from utils import (EOT_TEXT, Split, TokenizedSplit, atomic_write, barrier, encode, gpt2_directory, info,
-                   is_main_process, one_line, sha256_of_file)
+from utils import (EOT_TEXT, TEACHER_HINT, Split, TokenizedSplit, atomic_write, barrier, encode, gpt2_directory,
+                   hub_directory, info, is_main_process, looks_like_hub_id, one_line, sha256_of_file)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class DistilLoss:
 class LoRATeacher:
     """A LoRA run's GPT-2 classifier as the teacher."""
     mask_token = EOT_TEXT
+    from_hub = False
 
     def __init__(self, run_dir, weights=None):
         self.directory, self.weights = run_dir, weights
@@ -72,6 +73,7 @@ class LoRATeacher:
         self.base = weights or read_json(os.path.join(self.adapter_dir, "adapter_config.json"),
                                          "a LoRA adapter").get("base_model_name_or_path", "")
         self.description = f"GPT-2 + LoRA from {run_dir}"
+        self.source = os.path.abspath(run_dir)
         self._model = None
 
     def key(self):
@@ -105,6 +107,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 class HFTeacher:
     """Any local Hugging Face sequence classifier with 2 labels (BERT, MiniLM,
     RoBERTa, a fine-tuned GPT-2, ...) as the teacher, with its own tokenizer."""
+    from_hub = False  # True for a hub id's snapshot: its logits are cached outside the Hugging Face cache
 
     def __init__(self, directory):
         self.directory = directory
@@ -123,6 +126,7 @@ class HFTeacher:
                                   " save the tokenizer next to the model: tokenizer.save_pretrained(DIR)")
         self.architecture = architectures[0]
         self.description = f"{self.architecture} from {directory}"
+        self.source = os.path.abspath(directory)  # a hub id for a teacher from the hub
         self._tokenizer = self._model = None
 
     @property
@@ -180,7 +184,14 @@ class HFTeacher:
 
 
 def load_teacher(directory, weights=None):
-    """The teacher in directory: a LoRA run, or a Hugging Face classifier."""
+    """The teacher in directory: a LoRA run, or a Hugging Face classifier; or the hub
+    id of a classifier ("owner/name"), downloaded once into the Hugging Face cache."""
+    if not os.path.exists(directory) and "/" in directory and looks_like_hub_id(directory):
+        hub_id = directory
+        teacher = HFTeacher(hub_directory(hub_id, TEACHER_HINT.replace("ID", hub_id)))
+        teacher.source, teacher.from_hub = hub_id, True
+        teacher.description = f"{teacher.architecture} from the hub ({hub_id})"
+        return teacher
     if os.path.isfile(directory):
         raise CheckpointError(f"--teacher {directory} is a file; pass the teacher's directory (a LoRA run's "
                               "--out-dir or a Hugging Face classifier saved with save_pretrained)")
@@ -199,12 +210,12 @@ def load_teacher(directory, weights=None):
 # The teacher's logits, cached
 # ---------------------------------------------------------------------------
 
-def teacher_cache_dir(teacher_dir):
+def teacher_cache_dir(teacher_dir, from_hub=False):
     """Where a teacher's logits are cached: next to it, or in the user's cache when
-    its directory is read-only (a shared teacher). The mode bits decide, not
-    os.access, which says yes to root whatever the bits."""
+    its directory is read-only (a shared teacher) or the Hugging Face cache's. The
+    mode bits decide, not os.access, which says yes to root whatever the bits."""
     own = os.path.join(teacher_dir, "teacher_logits")
-    if os.access(teacher_dir, os.W_OK) and os.stat(teacher_dir).st_mode & stat.S_IWUSR:
+    if not from_hub and os.access(teacher_dir, os.W_OK) and os.stat(teacher_dir).st_mode & stat.S_IWUSR:
         return own
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     name = hashlib.sha256(os.path.realpath(teacher_dir).encode()).hexdigest()[:16]
@@ -426,7 +437,7 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
     texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
     if synthetic:
         texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
-    cache_dir = cfg.teacher_cache or teacher_cache_dir(teacher.directory)
+    cache_dir = cfg.teacher_cache or teacher_cache_dir(teacher.directory, teacher.from_hub)
     start = time.time()
     if is_main_process():
         logits = cached_teacher_logits(teacher, texts, cache_dir, device, dtype, progress)
@@ -434,7 +445,7 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
     if not is_main_process():
         logits = cached_teacher_logits(teacher, texts, cache_dir, device, dtype, progress)
     val_predictions = logits["val"].argmax(-1)
-    record = {"source": os.path.abspath(teacher.directory), "val_acc": accuracy(val_predictions, val_set.labels),
+    record = {"source": teacher.source, "val_acc": accuracy(val_predictions, val_set.labels),
               "val_mcc": matthews_corrcoef(val_predictions, val_set.labels),
               "precision": precision_of(device, dtype),
               "seconds": time.time() - start}  # for the teacher's logits: seconds when it ran, ~0 from the cache

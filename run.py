@@ -103,8 +103,9 @@ def build_parser():
         if mode == "distil":
             source = p.add_mutually_exclusive_group()
             source.add_argument("--teacher", default=None, metavar="DIR",
-                                help="a LoRA run's out dir, or a Hugging Face sequence-classification "
-                                     f"directory with 2 labels (default {DISTIL.teacher})")
+                                help="a LoRA run's out dir, or a Hugging Face sequence-classification directory "
+                                     "with 2 labels, or the hub id (owner/name) of one, downloaded once "
+                                     f"(default {DISTIL.teacher})")
             source.add_argument("--teacher-logits", metavar="FILE",
                                 help="distil from any teacher: .npy of shape (training sentences, 2)")
             p.add_argument("--kd-temperature", type=float, default=DISTIL.temperature,

@@ -210,3 +210,28 @@ def test_read_only_teacher_caches_in_the_users_cache(tiny_bert, tmp_path, tmp_pa
     assert sorted(os.listdir(teacher)) == sorted(os.listdir(tiny_bert))  # nothing added
     (cache,) = os.listdir(tmp_path / "xdg" / "gpt2-lora-distil" / "teacher_logits")
     assert len(os.listdir(tmp_path / "xdg" / "gpt2-lora-distil" / "teacher_logits" / cache)) == 2
+
+
+def test_teacher_by_hub_id_from_the_local_cache(tiny_bert, tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """--teacher owner/name: the hub snapshot, taken from the Hugging Face cache with no
+    network (laid out here as huggingface_hub lays it out); its logits are cached in the
+    user's cache, not inside the Hugging Face one. Not cached and offline: one line."""
+    from huggingface_hub import constants
+    hub_cache, user_cache = tmp_path / "hub", tmp_path / "user_cache"
+    repo = hub_cache / "models--someone--tiny-cola-bert"
+    shutil.copytree(tiny_bert, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user_cache))
+    argv = ["distil", *STUDENT, "--epochs", "1", "--data-dir", subset_dir(tmp_path_factory), "--augment", "0",
+            "--out-dir", tmp_path / "distil", *common(tmp_path)]
+    code, _, err = cli(capsys, *argv, "--teacher", "someone/tiny-cola-bert")
+    assert code == 0, err
+    assert "from the hub (someone/tiny-cola-bert)" in err
+    with open(tmp_path / "distil" / "metrics.json") as f:
+        assert json.load(f)["teacher"]["source"] == "someone/tiny-cola-bert"
+    assert not (repo / "snapshots" / "0123abc" / "teacher_logits").exists()
+    assert len(os.listdir(user_cache / "gpt2-lora-distil" / "teacher_logits")) == 1
+    code, stdout, err = cli(capsys, *argv, "--teacher", "someone/not-cached", "--overwrite")
+    assert_error(code, stdout, err, "someone/not-cached", "HF_HUB_OFFLINE", "--teacher DIR")
