@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict
 
 import torch
+from safetensors.torch import load_file
 
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, lora_layers,
                    merge_lora, set_trainable)
@@ -67,7 +68,6 @@ def read_json(path, what):
 
 
 def read_tensors(path):
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing; re-run training to write it")
     try:

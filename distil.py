@@ -9,6 +9,7 @@ import random
 import re
 import stat
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -347,7 +348,6 @@ class WordSwapper:
     neighbour; failing that, before the same right neighbour."""
 
     def __init__(self, sentences):
-        from collections import Counter, defaultdict
         slots = defaultdict(Counter)
         for sentence in sentences:
             words = [w for _, w in split_words(sentence)]

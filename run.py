@@ -9,6 +9,8 @@ one-line error (exit status 2).
 import os
 import sys
 
+import torch
+
 import modes
 import tune
 from checkpoints import CheckpointError
@@ -17,7 +19,8 @@ from flags import Parser, check_path, given_flags, in_range, seed_value
 from model import PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir, read_metrics
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
-from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, info
+from utils import (DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, encode, info, is_main_process,
+                   lock_dir, print_samples, resolve_device, seed_everything)
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
@@ -234,8 +237,6 @@ def validate_gen(args):
 
 
 def run_gen(args):
-    import torch
-    from utils import encode, print_samples, resolve_device, seed_everything
     validate_gen(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -378,7 +379,6 @@ def distil_config(args):
 def run_training(args):
     """A training mode: check every flag, claim and lock --out-dir, then build the
     mode's task from its configs and train it."""
-    from utils import is_main_process, lock_dir
     validate_training(args)
     run = run_config(args)
     if not is_main_process():  # rank 0 claims the directory for every rank

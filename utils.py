@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 
 class UserError(Exception):
@@ -584,6 +585,5 @@ def save_json(path, obj):
 
 
 def save_tensors(path, tensors, metadata=None):
-    from safetensors.torch import save_file
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
