@@ -175,7 +175,11 @@ def hub_directory(repo_id, hint, files=None):
         if files:
             return os.path.dirname([hf_hub_download(repo_id, f, local_files_only=local_files_only)
                                     for f in files][0])
-        return snapshot_download(repo_id, allow_patterns=HUB_CLASSIFIER_FILES, local_files_only=local_files_only)
+        directory = snapshot_download(repo_id, allow_patterns=HUB_CLASSIFIER_FILES, local_files_only=local_files_only)
+        if not any(name.endswith(".safetensors") for name in os.listdir(directory)):  # older uploads: .bin only
+            directory = snapshot_download(repo_id, allow_patterns=[*HUB_CLASSIFIER_FILES, "pytorch_model.bin"],
+                                          local_files_only=local_files_only)
+        return directory
     try:  # the cache first: no network needed for what was downloaded before
         return fetch(local_files_only=True)
     except Exception:
