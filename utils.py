@@ -482,8 +482,8 @@ class Batch:
     rows: torch.Tensor       # (B,) row numbers in the split, e.g. to find cached teacher logits
 
     def to(self, device):
-        return Batch(self.idx.to(device, non_blocking=True), self.lengths.to(device), self.labels.to(device),
-                     self.rows)
+        return Batch(self.idx.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True),
+                     self.labels.to(device, non_blocking=True), self.rows)
 
     def shard(self, rank, size):
         """This rank's contiguous part of a global batch (rows stay whole sentences)."""
