@@ -14,7 +14,7 @@ import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
 from flags import Parser, check_path, in_range, seed_value
-from model import PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
+from model import EMBD_CHANNELS, POOLS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
 from utils import DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, info
@@ -24,7 +24,8 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
                "compile", "overwrite", "keep_resume_state")
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
-ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
+ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None,
+                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained"}
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 # User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
@@ -210,12 +211,23 @@ def add_student(p):
     p.add_argument("--embd-dropout", type=float, default=STUDENT.embd_dropout,
                    help=f"dropout on the token embeddings (default {STUDENT.embd_dropout:g})")
     p.add_argument("--head-dropout", type=float, default=STUDENT.head_dropout,
-                   help=f"dropout on the final state, before the classifier (default {STUDENT.head_dropout:g})")
+                   help=f"dropout on the sentence's features, before the classifier (default {STUDENT.head_dropout:g})")
+    p.add_argument("--pool", choices=POOLS, default=STUDENT.pool,
+                   help="the sentence's features: last = the final states (both directions' with --bidirectional); "
+                        "max or mean = the top layer's outputs pooled over the real tokens "
+                        f"(default {STUDENT.pool})")
+    p.add_argument("--rnn-mlp", type=int, default=STUDENT.mlp_hidden, metavar="N",
+                   help="a ReLU layer of N units between the features and the classifier (Tang et al. 2019: 200); "
+                        f"0 = none (default {STUDENT.mlp_hidden})")
     p.add_argument("--embd-weight-decay", type=float, default=TRAIN.embd_weight_decay,
                    help="adamw's weight decay on the token embedding (default: --weight-decay's)")
     p.add_argument("--init-embeddings", choices=("random", "gpt2"), default="random",
                    help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant), "
                         "projected if sizes differ")
+    p.add_argument("--embd-channels", choices=EMBD_CHANNELS, default=STUDENT.embd_channels,
+                   help="trained: the embedding learns; frozen: it stays as initialised; both: a frozen and a "
+                        "trained copy side by side, the RNN's input twice as wide (Tang et al. 2019) "
+                        f"(default {STUDENT.embd_channels})")
 
 
 # --- gen ---------------------------------------------------------------------
@@ -309,7 +321,7 @@ def validate_training_flags(args):
         return
     in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden", "--rnn-embd")
     in_range(args, "[0, 1)", "--rnn-dropout", "--embd-dropout", "--head-dropout")
-    in_range(args, "[0, inf)", "--embd-weight-decay")
+    in_range(args, "[0, inf)", "--embd-weight-decay", "--rnn-mlp")
     if args.mode != "distil":
         return
     in_range(args, "(0, inf)", "--kd-temperature")
@@ -359,7 +371,8 @@ def lora_config(args):
 def student_config(args):
     return RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type, n_layers=args.rnn_layers,
                      hidden=args.rnn_hidden, bidirectional=args.bidirectional, dropout=args.rnn_dropout,
-                     embd_dropout=args.embd_dropout, head_dropout=args.head_dropout)
+                     embd_dropout=args.embd_dropout, head_dropout=args.head_dropout, pool=args.pool,
+                     mlp_hidden=args.rnn_mlp, embd_channels=args.embd_channels)
 
 
 def distil_config(args):

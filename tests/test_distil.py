@@ -108,15 +108,22 @@ def test_kd_gradient_at_high_temperature_matches_logits():
 # DistilRNN
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("pool", ["last", "max", "mean"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("rnn_type", ["rnn", "gru", "lstm"])
-def test_distilrnn_padding_invariance(rnn_type, bidirectional):
+def test_distilrnn_padding_invariance(rnn_type, bidirectional, pool):
     torch.manual_seed(0)
+    mlp = 0 if pool == "last" else 6  # the pooled students also get the ReLU layer
     model = DistilRNN(RNNConfig(vocab_size=100, n_embd=8, rnn_type=rnn_type, n_layers=2, hidden=16,
-                                bidirectional=bidirectional)).eval()
+                                bidirectional=bidirectional, pool=pool, mlp_hidden=mlp)).eval()
+    features = 16 * (2 if bidirectional else 1)  # both directions' states or outputs, side by side
+    if mlp:
+        assert (model.mlp.in_features, model.mlp.out_features, model.classifier.in_features) == (features, 6, 6)
+    else:
+        assert model.mlp is None and model.classifier.in_features == features
     lengths = [5, 1, 9, 3, 9]
     sentences = [torch.randint(0, 99, (n,)) for n in lengths]
-    idx = torch.full((len(sentences), max(lengths)), 99, dtype=torch.long)
+    idx = torch.full((len(sentences), max(lengths) + 4), 99, dtype=torch.long)  # pads after every sentence
     for i, tokens in enumerate(sentences):
         idx[i, :len(tokens)] = tokens
     with torch.no_grad():
@@ -125,6 +132,11 @@ def test_distilrnn_padding_invariance(rnn_type, bidirectional):
         for i, tokens in enumerate(sentences):
             alone = model(tokens[None], torch.tensor([len(tokens)]))
             torch.testing.assert_close(together[i], alone[0], atol=1e-6, rtol=1e-6)
+        if pool != "last":  # the pooling, by hand: the top layer's outputs at a sentence's tokens, unpacked
+            outputs, _ = model.rnn(model.embedding(sentences[0])[None])
+            pooled = outputs[0].amax(0) if pool == "max" else outputs[0].mean(0)
+            by_hand = model.classifier(torch.relu(model.mlp(pooled)))
+            torch.testing.assert_close(together[0], by_hand, atol=1e-6, rtol=1e-6)
         other = idx.clone()
         for i, n in enumerate(lengths):
             other[i, n:] = 7  # another padding value changes nothing either
