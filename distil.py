@@ -396,6 +396,25 @@ def augment(sentences, cfg: AugmentConfig):
     return out
 
 
+def drop_duplicates(synthetic, sentences):
+    """The synthetic sentences that neither repeat an earlier synthetic one nor equal
+    one of sentences (the training sentences), in order: Tang et al. drop duplicates,
+    whose copies would only weigh a sentence more, and a training sentence already
+    has its teacher logits and its label. Returns (kept, how many were dropped)."""
+    seen = {sentence.strip() for sentence in sentences}
+    kept = []
+    for s in synthetic:
+        text = s.render(MASK_KEY)
+        if text not in seen:
+            seen.add(text)
+            kept.append(s)
+    return kept, len(synthetic) - len(kept)
+
+
+# stands for a masked word when sentences are compared: a character no sentence holds
+MASK_KEY = "\x00"
+
+
 # ---------------------------------------------------------------------------
 # The transfer set
 # ---------------------------------------------------------------------------
@@ -409,6 +428,7 @@ class TeacherTargets:
     logits: torch.Tensor
     val_predictions: torch.Tensor
     record: dict
+    duplicates: int = 0    # synthetic sentences dropped as duplicates
 
 
 def teacher_from_file(path, train_set):
@@ -419,10 +439,11 @@ def teacher_from_file(path, train_set):
 
 def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtype="auto", progress=True):
     """Run the teacher (or read its cache) over the training and validation sentences
-    and cfg.augment.copies synthetic sentences per training sentence, in the run's
-    precision (dtype). Under torchrun rank 0 fills the cache, with no collectives
-    inside, and the others read it."""
+    and cfg.augment.copies synthetic sentences per training sentence, less the
+    duplicates, in the run's precision (dtype). Under torchrun rank 0 fills the
+    cache, with no collectives inside, and the others read it."""
     synthetic = augment(train_set.split.sentences, cfg.augment) if cfg.augment.copies else []
+    synthetic, duplicates = drop_duplicates(synthetic, train_set.split.sentences)
     texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
     if synthetic:
         texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
@@ -440,11 +461,12 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
               "seconds": time.time() - start}  # for the teacher's logits: seconds when it ran, ~0 from the cache
     info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
     if not synthetic:
-        return TeacherTargets(train_set, logits["train"], val_predictions, record)
+        return TeacherTargets(train_set, logits["train"], val_predictions, record, duplicates)
     student_texts = [s.render(EOT_TEXT) for s in synthetic]
     transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
                                     train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
                               tokens=train_set.tokens + [encode(text) for text in student_texts])
     info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
-         f"({cfg.augment.copies} each)")
-    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record)
+         f"({cfg.augment.copies} each, {duplicates} duplicates dropped)")
+    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record,
+                          duplicates)

@@ -106,8 +106,8 @@ def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, i
 def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, seed, dtype="auto",
            gpt: GPTSource = None, init_embeddings="random", progress=True):
     """distil: the DistilRNN trained on the teacher's logits (and the labels), over
-    the training sentences and cfg.augment.copies synthetic sentences each. The
-    teacher runs in the run's precision (dtype), like the student."""
+    the training sentences and cfg.augment.copies synthetic sentences each (less
+    duplicates). The teacher runs in the run's precision (dtype), like the student."""
     # the teacher before the data: a missing teacher is the quicker mistake to report
     teacher = None if cfg.teacher_logits else load_teacher(cfg.teacher, gpt.weights if gpt else None)
     train_set, val_set = load_data(data)
@@ -120,7 +120,8 @@ def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, 
               "distillation": {"alpha": cfg.alpha, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,
                                "swap_prob": cfg.augment.swap_prob, "ngram_prob": cfg.augment.ngram_prob,
-                               "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer)}}
+                               "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer),
+                               "duplicates_dropped": targets.duplicates}}
     agreement = None
     if targets.val_predictions is not None:  # how often the student agrees with its teacher
         agreement = lambda val: {"val_agreement": accuracy(val["logits"].argmax(-1), targets.val_predictions)}  # noqa: E731
