@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, find_adapter_dir, load_lora_classifier, read_json
-from model import _checkpoint_files
+from checkpoints import CheckpointError, HFTokens, find_adapter_dir, load_lora_classifier, read_json
+from model import GPT, _checkpoint_files
 from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
                          resolve_precision, tf32_products)
-from utils import (EOT_TEXT, Split, TokenizedSplit, atomic_write, barrier, encode, gpt2_directory, info,
+from utils import (EOT_TEXT, GPT2_TOKENS, Split, TokenizedSplit, atomic_write, barrier, gpt2_directory, info,
                    is_main_process, one_line, sha256_of_file)
 
 
@@ -63,7 +63,9 @@ class DistilLoss:
 # ---------------------------------------------------------------------------
 
 class LoRATeacher:
-    """A LoRA run's GPT-2 classifier as the teacher."""
+    """A LoRA run's GPT-2 classifier as the teacher. A student that starts from it
+    (--init-embeddings teacher) reads GPT-2's tokenizer and starts from the base's
+    token embeddings, as --init-embeddings gpt2 with that base."""
     mask_token = EOT_TEXT
 
     def __init__(self, run_dir, weights=None):
@@ -89,6 +91,13 @@ class LoRATeacher:
             status = os.stat(path)
             digest.update(f"{os.path.realpath(path)}:{status.st_size}:{status.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+    def student_tokenizer(self):
+        return GPT2_TOKENS
+
+    def input_embeddings(self):
+        """The base GPT-2's token embeddings, (vocab, width)."""
+        return GPT.from_pretrained(gpt2_directory(self.base)).transformer.wte.weight.detach().t()
 
     def logits(self, texts, device, precision):
         if self._model is None:
@@ -139,6 +148,23 @@ class HFTeacher:
     @property
     def mask_token(self):
         return self.tokenizer.mask_token or self.tokenizer.unk_token or ""
+
+    def student_tokenizer(self):
+        """The teacher's tokenizer, as a student reads it (--init-embeddings teacher)."""
+        return HFTokens(self.tokenizer)
+
+    def input_embeddings(self):
+        """The teacher's input (token) embeddings, (vocab, width) in float32, row i
+        token i's; a CheckpointError when its model has none."""
+        try:
+            layer = self.model.get_input_embeddings()
+        except Exception:  # NotImplementedError in models that do not expose one
+            layer = None
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise CheckpointError(f"teacher {self.directory} ({self.architecture}) has no input embeddings to start "
+                                  "the student from; pass --init-embeddings random or gpt2")
+        return weight.detach().float()
 
     def key(self):
         digest = hashlib.sha256()
@@ -440,8 +466,10 @@ def teacher_from_file(path, train_set):
 def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtype="auto", progress=True):
     """Run the teacher (or read its cache) over the training and validation sentences
     and cfg.augment.copies synthetic sentences per training sentence, less the
-    duplicates, in the run's precision (dtype). Under torchrun rank 0 fills the
-    cache, with no collectives inside, and the others read it."""
+    duplicates, in the run's precision (dtype). The student reads the synthetic
+    sentences with train_set's tokenizer, a masked word as that tokenizer's mask.
+    Under torchrun rank 0 fills the cache, with no collectives inside, and the
+    others read it."""
     synthetic = augment(train_set.split.sentences, cfg.augment) if cfg.augment.copies else []
     synthetic, duplicates = drop_duplicates(synthetic, train_set.split.sentences)
     texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
@@ -462,10 +490,12 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
     info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
     if not synthetic:
         return TeacherTargets(train_set, logits["train"], val_predictions, record, duplicates)
-    student_texts = [s.render(EOT_TEXT) for s in synthetic]
+    tokenizer = train_set.tokenizer
+    student_texts = [s.render(tokenizer.mask_token) for s in synthetic]
     transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
                                     train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
-                              tokens=train_set.tokens + [encode(text) for text in student_texts])
+                              train_set.max_len, tokens=train_set.tokens + tokenizer.encode(student_texts),
+                              tokenizer=tokenizer)
     info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
          f"({cfg.augment.copies} each, {duplicates} duplicates dropped)")
     return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record,

@@ -232,6 +232,52 @@ def test_distil_with_alpha_zero_reproduces_rnn(data, teacher, tmp_path, capsys):
     assert any(not torch.equal(a[key], t) for key, t in student_tensors(tmp_path / "kd").items())
 
 
+def assert_same_run(a, b):
+    """Two runs with the same epochs' records (seconds aside) and the same weights."""
+    first, second = read_metrics(a), read_metrics(b)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in first["epochs"]] == \
+        [{k: r[k] for k in r if k not in ("seconds", "val_agreement")} for r in second["epochs"]]
+    assert first["best_epoch"] == second["best_epoch"] and first["params"] == second["params"]
+    x, y = student_tensors(a), student_tensors(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+    return first, x
+
+
+@pytest.mark.parametrize("student_flags", [
+    ["--pool", "max", "--bidirectional", "--rnn-type", "lstm", "--rnn-mlp", "16"],
+    # a LoRA teacher's embeddings are its base GPT-2's (tiny_ckpt, 64 wide), reduced to 16 by PCA
+    ["--init-embeddings", "teacher", "--embd-channels", "both", "--pool", "mean", "--rnn-type", "gru"],
+    # a Hugging Face teacher gives its tokenizer (the tiny BERT's word vocabulary) and embeddings
+    ["--init-embeddings", "teacher", "--embd-channels", "frozen", "hf"],
+], ids=["pooled-lstm-mlp", "lora-teacher-embeddings-both", "hf-teacher-tokenizer-frozen"])
+def test_distil_with_alpha_zero_reproduces_rnn_for_every_student(data, teacher, tiny_bert, tmp_path, capsys,
+                                                                  student_flags):
+    """One student definition: rnn builds distil's student for any student flags, the
+    teacher's tokenizer and embeddings included (rnn reads --teacher for them alone)."""
+    hf = student_flags[-1] == "hf"
+    if hf:
+        teacher, student_flags = shutil.copytree(tiny_bert, tmp_path / "bert"), student_flags[:-1]
+    given_teacher = ["--teacher", teacher] if "teacher" in student_flags else []
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, "rnn", *STUDENT, *student_flags, *given_teacher, "--data-dir", data,
+                       "--out-dir", runs / "rnn", *common(tmp_path))
+    assert code == 0, err
+    assert "running the teacher" not in err  # rnn only reads it
+    code, _, err = cli(capsys, *distil_args(data, teacher, runs / "distil", tmp_path, "--kd-alpha", "0",
+                                            *student_flags))
+    assert code == 0, err
+    metrics, weights = assert_same_run(runs / "rnn", runs / "distil")
+    with open(runs / "distil" / "student.json") as f:
+        settings = json.load(f)
+    if "frozen" in student_flags or "both" in student_flags:  # one embedding table is not trained
+        assert metrics["params"]["trainable"] == metrics["params"]["total"] - settings["config"]["vocab_size"] * 16
+    if "both" in student_flags:
+        assert not torch.equal(weights["embedding.weight"], weights["static_embedding.weight"])
+    assert settings["tokenizer"] == ("tokenizer/" if hf else "gpt2")
+
+
 def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     out = tmp_path / "distil"
     code, _, err = cli(capsys, *distil_args(data, teacher, out, tmp_path, "--kd-alpha", "0.5",

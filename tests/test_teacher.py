@@ -1,8 +1,8 @@
 """A Hugging Face classifier as the teacher of distil: a tiny, randomly
-initialised BERT that these tests save themselves (stored as float16, as the
-shared MiniLM teacher is), end to end on the real CoLA files, its logits cache
-with the augmented transfer set (duplicates dropped), and every bad teacher's
-one-line error."""
+initialised BERT that the tests save themselves (conftest's tiny_bert, stored as
+float16, as the shared MiniLM teacher is), end to end on the real CoLA files, its
+logits cache with the augmented transfer set (duplicates dropped), and every bad
+teacher's one-line error."""
 import json
 import os
 import re
@@ -17,23 +17,6 @@ from distil import AugmentConfig, augment, drop_duplicates
 from utils import load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """BertForSequenceClassification (2 layers, 32 wide) with a word-level vocabulary
-    of CoLA's training sentences, saved in float16 with its tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-    train, _ = load_cola(cola_dir(), "in")
-    words = sorted({w for s in train.sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    torch.manual_seed(5)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5)
-    BertForSequenceClassification(config).half().save_pretrained(path)
-    return str(path)
 
 
 def teacher_copy(tiny_bert, tmp_path):
