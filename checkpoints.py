@@ -1,8 +1,11 @@
 """Trained classifiers on disk: LoRA adapters in PEFT's format (peft loads them
 onto transformers' GPT2ForSequenceClassification), students as safetensors with a
-JSON of their settings, and one loader for a run directory of any mode."""
+JSON of their settings and the tokenizer they read, and one loader for a run
+directory of any mode."""
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict
 
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, lora_layers,
                    merge_lora, set_trainable)
-from utils import gpt2_directory, one_line, save_json, save_tensors
+from utils import GPT2_TOKENS, gpt2_directory, one_line, save_json, save_tensors
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
 
@@ -117,10 +120,63 @@ def load_into(model, key_to_param, tensors, source, base=None):
             params[name].copy_(tensors[key])
 
 
-def save_student(student, out_dir, extra=None):
+# ---------------------------------------------------------------------------
+# Students: their weights, settings and tokenizer
+# ---------------------------------------------------------------------------
+
+TOKENIZER_DIR = "tokenizer"  # a student's Hugging Face tokenizer, under its out dir
+
+
+class HFTokens:
+    """A Hugging Face tokenizer (a teacher's) as a student reads it, like GPT2Tokens:
+    a sentence's own tokens, with no special tokens around it. [CLS] ... [SEP] serve
+    a transformer's attention; for the RNN they would be the same first and last
+    token of every sentence, and without them the GPT-2 and the teacher's
+    vocabularies are compared on the words alone. A masked word of augmentation is
+    the tokenizer's mask token, else its unknown one: what the teacher reads too.
+    student.json names it "tokenizer/", the files saved there by save()."""
+    name = TOKENIZER_DIR + "/"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        ids = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
+        self.pad_id = next(i for i in ids if i is not None)  # never read: any id of the vocabulary does
+        self.unk_id = next(i for i in (tokenizer.unk_token_id, self.pad_id) if i is not None)
+        self.mask_token = tokenizer.mask_token or tokenizer.unk_token or ""
+
+    def encode(self, texts):
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        # a text of nothing the tokenizer keeps reads as the unknown token: an RNN cannot read nothing
+        return [row or [self.unk_id] for row in ids]
+
+    def save(self, out_dir):
+        """tokenizer.save_pretrained(OUT/tokenizer), written beside and renamed in."""
+        final = os.path.join(out_dir, TOKENIZER_DIR)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.")
+        try:
+            self.tokenizer.save_pretrained(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep others from reading the run
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def save_student(student, out_dir, tokenizer=GPT2_TOKENS, extra=None):
+    """OUT/student.safetensors (both embedding channels with --embd-channels both),
+    the tokenizer's files if it has any, and OUT/student.json: the config and the
+    tokenizer's name, written last."""
     save_tensors(os.path.join(out_dir, "student.safetensors"), student.state_dict())
+    tokenizer.save(out_dir)
     save_json(os.path.join(out_dir, "student.json"), {"kind": "DistilRNN", "config": asdict(student.config),
-                                                      **(extra or {})})
+                                                      "tokenizer": tokenizer.name, **(extra or {})})
 
 
 def load_student(out_dir):
@@ -132,6 +188,28 @@ def load_student(out_dir):
     tensors = read_tensors(os.path.join(out_dir, "student.safetensors"))
     load_into(student, {n: n for n in student.state_dict()}, tensors, os.path.join(out_dir, "student.safetensors"))
     return student.eval()
+
+
+def load_student_tokenizer(out_dir, vocab_size):
+    """The tokenizer student.json names ("gpt2" when it predates the field), which
+    must have exactly the student's vocab_size tokens."""
+    name = read_json(os.path.join(out_dir, "student.json"), "an rnn/distil run directory").get("tokenizer", "gpt2")
+    if name == GPT2_TOKENS.name:
+        tokenizer = GPT2_TOKENS
+    else:
+        path = os.path.join(out_dir, name.rstrip("/"))
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} is missing: the student reads the tokenizer saved there "
+                                  f"(student.json: \"tokenizer\": \"{name}\"); re-run training to write it")
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = HFTokens(AutoTokenizer.from_pretrained(path))
+        except Exception as e:
+            raise CheckpointError(f"the student's tokenizer {path} does not load ({one_line(e)[:200]})") from None
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(f"{out_dir}: the student's tokenizer ({name}) has {tokenizer.vocab_size} tokens but "
+                              f"its embedding {vocab_size} rows; the tokenizer is not the one it was trained with")
+    return tokenizer
 
 
 def load_classifier(checkpoint, weights=None, merge=False):
@@ -154,3 +232,9 @@ def load_classifier(checkpoint, weights=None, merge=False):
                           "nor student.json from rnn/distil)")
 
 
+def load_tokenizer(checkpoint, model):
+    """The tokenizer the classifier load_classifier gave for checkpoint reads: the
+    student's own (checked against its vocabulary), GPT-2's for LoRA."""
+    if isinstance(model, DistilRNN):
+        return load_student_tokenizer(checkpoint, model.config.vocab_size)
+    return GPT2_TOKENS

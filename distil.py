@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, find_adapter_dir, load_lora_classifier, read_json
-from model import _checkpoint_files
+from checkpoints import CheckpointError, HFTokens, find_adapter_dir, load_lora_classifier, read_json
+from model import GPT, _checkpoint_files
 from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
                          resolve_precision, tf32_products)
-from utils import (EOT_TEXT, TEACHER_HINT, Split, TokenizedSplit, atomic_write, barrier, encode, gpt2_directory,
+from utils import (EOT_TEXT, GPT2_TOKENS, TEACHER_HINT, Split, TokenizedSplit, atomic_write, barrier, gpt2_directory,
                    hub_directory, info, is_main_process, looks_like_hub_id, one_line, sha256_of_file)
 
 
@@ -64,7 +64,9 @@ class DistilLoss:
 # ---------------------------------------------------------------------------
 
 class LoRATeacher:
-    """A LoRA run's GPT-2 classifier as the teacher."""
+    """A LoRA run's GPT-2 classifier as the teacher. A student that starts from it
+    (--init-embeddings teacher) reads GPT-2's tokenizer and starts from the base's
+    token embeddings, as --init-embeddings gpt2 with that base."""
     mask_token = EOT_TEXT
     from_hub = False
 
@@ -92,6 +94,13 @@ class LoRATeacher:
             status = os.stat(path)
             digest.update(f"{os.path.realpath(path)}:{status.st_size}:{status.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+    def student_tokenizer(self):
+        return GPT2_TOKENS
+
+    def input_embeddings(self):
+        """The base GPT-2's token embeddings, (vocab, width)."""
+        return GPT.from_pretrained(gpt2_directory(self.base)).transformer.wte.weight.detach().t()
 
     def logits(self, texts, device, precision):
         if self._model is None:
@@ -144,6 +153,23 @@ class HFTeacher:
     @property
     def mask_token(self):
         return self.tokenizer.mask_token or self.tokenizer.unk_token or ""
+
+    def student_tokenizer(self):
+        """The teacher's tokenizer, as a student reads it (--init-embeddings teacher)."""
+        return HFTokens(self.tokenizer)
+
+    def input_embeddings(self):
+        """The teacher's input (token) embeddings, (vocab, width) in float32, row i
+        token i's; a CheckpointError when its model has none."""
+        try:
+            layer = self.model.get_input_embeddings()
+        except Exception:  # NotImplementedError in models that do not expose one
+            layer = None
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise CheckpointError(f"teacher {self.directory} ({self.architecture}) has no input embeddings to start "
+                                  "the student from; pass --init-embeddings random or gpt2")
+        return weight.detach().float()
 
     def key(self):
         digest = hashlib.sha256()
@@ -407,6 +433,25 @@ def augment(sentences, cfg: AugmentConfig):
     return out
 
 
+def drop_duplicates(synthetic, sentences):
+    """The synthetic sentences that neither repeat an earlier synthetic one nor equal
+    one of sentences (the training sentences), in order: Tang et al. drop duplicates,
+    whose copies would only weigh a sentence more, and a training sentence already
+    has its teacher logits and its label. Returns (kept, how many were dropped)."""
+    seen = {sentence.strip() for sentence in sentences}
+    kept = []
+    for s in synthetic:
+        text = s.render(MASK_KEY)
+        if text not in seen:
+            seen.add(text)
+            kept.append(s)
+    return kept, len(synthetic) - len(kept)
+
+
+# stands for a masked word when sentences are compared: a character no sentence holds
+MASK_KEY = "\x00"
+
+
 # ---------------------------------------------------------------------------
 # The transfer set
 # ---------------------------------------------------------------------------
@@ -420,6 +465,7 @@ class TeacherTargets:
     logits: torch.Tensor
     val_predictions: torch.Tensor
     record: dict
+    duplicates: int = 0    # synthetic sentences dropped as duplicates
 
 
 def teacher_from_file(path, train_set):
@@ -430,10 +476,13 @@ def teacher_from_file(path, train_set):
 
 def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtype="auto", progress=True):
     """Run the teacher (or read its cache) over the training and validation sentences
-    and cfg.augment.copies synthetic sentences per training sentence, in the run's
-    precision (dtype). Under torchrun rank 0 fills the cache, with no collectives
-    inside, and the others read it."""
+    and cfg.augment.copies synthetic sentences per training sentence, less the
+    duplicates, in the run's precision (dtype). The student reads the synthetic
+    sentences with train_set's tokenizer, a masked word as that tokenizer's mask.
+    Under torchrun rank 0 fills the cache, with no collectives inside, and the
+    others read it."""
     synthetic = augment(train_set.split.sentences, cfg.augment) if cfg.augment.copies else []
+    synthetic, duplicates = drop_duplicates(synthetic, train_set.split.sentences)
     texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
     if synthetic:
         texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
@@ -451,11 +500,14 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
               "seconds": time.time() - start}  # for the teacher's logits: seconds when it ran, ~0 from the cache
     info(f"teacher ({teacher.description}) on validation: acc {record['val_acc']:.4f} MCC {record['val_mcc']:.4f}")
     if not synthetic:
-        return TeacherTargets(train_set, logits["train"], val_predictions, record)
-    student_texts = [s.render(EOT_TEXT) for s in synthetic]
+        return TeacherTargets(train_set, logits["train"], val_predictions, record, duplicates)
+    tokenizer = train_set.tokenizer
+    student_texts = [s.render(tokenizer.mask_token) for s in synthetic]
     transfer = TokenizedSplit(Split(train_set.split.sentences + student_texts,
                                     train_set.split.labels + [-1] * len(synthetic), train_set.split.source),
-                              tokens=train_set.tokens + [encode(text) for text in student_texts])
+                              train_set.max_len, tokens=train_set.tokens + tokenizer.encode(student_texts),
+                              tokenizer=tokenizer)
     info(f"transfer set: {len(train_set)} training sentences + {len(synthetic)} synthetic "
-         f"({cfg.augment.copies} each)")
-    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record)
+         f"({cfg.augment.copies} each, {duplicates} duplicates dropped)")
+    return TeacherTargets(transfer, torch.cat([logits["train"], logits["augment"]]), val_predictions, record,
+                          duplicates)

@@ -550,27 +550,48 @@ class RNNConfig:
     bidirectional: bool = False
     dropout: float = 0.0        # between RNN layers
     embd_dropout: float = 0.0   # on the token embeddings (CoLA is small: the student overfits it)
-    head_dropout: float = 0.0   # on the final state, before the classifier
+    head_dropout: float = 0.0   # on the sentence's features, before the classifier
     n_classes: int = 2
+    pool: str = "last"          # the sentence's features: last (the final states) | max | mean over time
+    mlp_hidden: int = 0         # a ReLU layer of this many units before the classifier; 0 = none
+    embd_channels: str = "trained"  # trained | frozen (not trained) | both (a frozen and a trained copy)
 
     @classmethod
     def from_dict(cls, d):
+        """A saved config; settings it predates take their defaults (today's behaviour then)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+RNN_TYPES, POOLS, EMBD_CHANNELS = ("rnn", "gru", "lstm"), ("last", "max", "mean"), ("trained", "frozen", "both")
+
+
 class DistilRNN(nn.Module):
-    """The small student: token embedding, a multi-layer RNN, a linear classifier
-    on the state after each sentence's last real token. Sequences are packed, so
-    padding never changes a sentence's output."""
+    """The small student: token embedding, a multi-layer RNN, a sentence's features
+    (the final states, or the top layer's outputs max- or mean-pooled over its real
+    tokens), an optional ReLU layer, a linear classifier. Sequences are packed and
+    pooling skips the pads, so padding never changes a sentence's output.
+
+    Tang et al. 2019's two embedding channels (embd_channels="both"): a frozen copy
+    of the initial vectors (static_embedding) next to a trained one, concatenated."""
 
     def __init__(self, config: RNNConfig):
         super().__init__()
-        if config.rnn_type not in ("rnn", "gru", "lstm"):
-            raise ValueError(f"unknown rnn type {config.rnn_type!r}; choose rnn, gru or lstm")
+        for name, value, choices in (("rnn type", config.rnn_type, RNN_TYPES), ("pool", config.pool, POOLS),
+                                     ("embedding channels", config.embd_channels, EMBD_CHANNELS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose {', '.join(choices)}")
+        if config.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be >= 0, got {config.mlp_hidden}")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        kwargs = dict(input_size=config.n_embd, hidden_size=config.hidden, num_layers=config.n_layers,
+        self.static_embedding = None
+        if config.embd_channels == "frozen":
+            self.embedding.weight.requires_grad_(False)
+        elif config.embd_channels == "both":  # a copy, made without drawing numbers: the RNN's init stays
+            self.static_embedding = nn.Embedding.from_pretrained(self.embedding.weight.detach().clone(), freeze=True)
+        width = config.n_embd * (2 if self.static_embedding is not None else 1)
+        kwargs = dict(input_size=width, hidden_size=config.hidden, num_layers=config.n_layers,
                       batch_first=True, bidirectional=config.bidirectional,
                       dropout=config.dropout if config.n_layers > 1 else 0.0)
         if config.rnn_type == "rnn":
@@ -579,31 +600,52 @@ class DistilRNN(nn.Module):
             self.rnn = (nn.GRU if config.rnn_type == "gru" else nn.LSTM)(**kwargs)
         self.embd_dropout = nn.Dropout(config.embd_dropout)
         self.head_dropout = nn.Dropout(config.head_dropout)
-        self.classifier = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.n_classes)
+        features = config.hidden * (2 if config.bidirectional else 1)
+        self.mlp = nn.Linear(features, config.mlp_hidden) if config.mlp_hidden else None
+        self.classifier = nn.Linear(config.mlp_hidden or features, config.n_classes)
 
     max_len = 1 << 30  # an RNN reads sentences of any length
 
     @torch.no_grad()
     def init_embeddings(self, token_embeddings):
         """Start from another model's token embeddings (vocab, width), e.g. GPT-2's;
-        a wider table keeps the n_embd directions along which it varies most (PCA)."""
+        a wider table keeps the n_embd directions along which it varies most (PCA).
+        Row i stays token i's. Both channels start from them."""
         token_embeddings = token_embeddings.float()
         if token_embeddings.size(1) != self.config.n_embd:
             centred = token_embeddings - token_embeddings.mean(0)
             _, _, v = torch.linalg.svd(centred, full_matrices=False)
             token_embeddings = centred @ v[:self.config.n_embd].t()
         self.embedding.weight.copy_(token_embeddings)
+        if self.static_embedding is not None:
+            self.static_embedding.weight.copy_(token_embeddings)
+
+    def embed(self, idx):
+        embedded = self.embedding(idx)
+        if self.static_embedding is not None:
+            embedded = torch.cat([self.static_embedding(idx), embedded], dim=-1)
+        return self.embd_dropout(embedded)
 
     def forward(self, idx, lengths):
-        embedded = self.embd_dropout(self.embedding(idx))
-        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, h_n = self.rnn(packed)
-        if isinstance(h_n, tuple):  # LSTM returns (h_n, c_n)
-            h_n = h_n[0]
-        # h_n: (layers * directions, B, hidden); the last layer's forward state has read
-        # up to the last real token, its backward state (if any) back to the first.
-        if self.config.bidirectional:
-            features = torch.cat([h_n[-2], h_n[-1]], dim=-1)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        outputs, h_n = self.rnn(packed)
+        if self.config.pool == "last":
+            if isinstance(h_n, tuple):  # LSTM returns (h_n, c_n)
+                h_n = h_n[0]
+            # h_n: (layers * directions, B, hidden); the last layer's forward state has read
+            # up to the last real token, its backward state (if any) back to the first.
+            features = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]
         else:
-            features = h_n[-1]
-        return self.classifier(self.head_dropout(features))
+            # the top layer's outputs (both directions side by side) at every real token;
+            # pads are filled with what the pooling ignores: -inf for max, 0 for the sum
+            pad = float("-inf") if self.config.pool == "max" else 0.0
+            padded, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, padding_value=pad)
+            if self.config.pool == "max":
+                features = padded.amax(dim=1)
+            else:
+                features = padded.sum(dim=1) / lengths.to(padded.device, padded.dtype).unsqueeze(1)
+        features = self.head_dropout(features)
+        if self.mlp is not None:
+            features = torch.relu(self.mlp(features))
+        return self.classifier(features)

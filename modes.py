@@ -5,18 +5,18 @@ fields. Read top-down, a mode is a straight line: mode, train, then fit's loop
 (train_utils.py). predict and eval classify with a saved checkpoint."""
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from checkpoints import load_classifier, save_lora_adapter, save_student
+from checkpoints import CheckpointError, load_classifier, load_tokenizer, save_lora_adapter, save_student
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
 from model import GPT, PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
 from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
-from utils import (HUB_IDS, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
+from utils import (GPT2_TOKENS, HUB_IDS, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
                    init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
 
 
@@ -60,10 +60,10 @@ def prepare(device_name, seed):
     return device
 
 
-def load_data(data: DataConfig, block_size=1024):
+def load_data(data: DataConfig, block_size=1024, tokenizer=GPT2_TOKENS):
     train, val = load_cola(data.data_dir, data.val_split)
     info(f"CoLA: {len(train)} training sentences ({train.source}), {len(val)} validation ({val.source})")
-    return TokenizedSplit(train, block_size), TokenizedSplit(val, block_size)
+    return TokenizedSplit(train, block_size, tokenizer=tokenizer), TokenizedSplit(val, block_size, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------
@@ -83,50 +83,77 @@ def lora(gpt: GPTSource, cfg: LoRAConfig, data: DataConfig, device, dtype="auto"
                 record={"lora": {**asdict(cfg), "targets": list(cfg.targets), "base": gpt.base}})
 
 
-def student(cfg: RNNConfig, seed, gpt: GPTSource = None, init_embeddings="random"):
-    """A fresh DistilRNN, seeded right before so rnn and distil start from the same
-    weights whatever ran before; its embeddings optionally from GPT-2's."""
-    source = gpt.load("cpu") if init_embeddings == "gpt2" else None
+def student_start(cfg: RNNConfig, init_embeddings="random", gpt: GPTSource = None, teacher=None):
+    """What the student starts from, read before any data (a bad source is the
+    quicker mistake to report): (tokenizer, token embeddings (vocab, width) or None
+    for random ones). GPT-2's tokenizer, with GPT-2's embeddings for "gpt2"; for
+    "teacher", the teacher's tokenizer and input embeddings (a LoRA teacher's: its
+    base GPT-2's). Wider embeddings are reduced by PCA (DistilRNN.init_embeddings)."""
+    if init_embeddings == "random":
+        return GPT2_TOKENS, None
+    if init_embeddings == "gpt2":
+        tokenizer, embeddings, source = GPT2_TOKENS, gpt.load("cpu").transformer.wte.weight.detach().t(), "GPT-2"
+    else:
+        tokenizer, embeddings, source = teacher.student_tokenizer(), teacher.input_embeddings(), "teacher"
+        if embeddings.size(0) < tokenizer.vocab_size:
+            raise CheckpointError(f"teacher {teacher.directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
+                                  f"its input embeddings only {embeddings.size(0)} rows")
+        embeddings = embeddings[:tokenizer.vocab_size]  # rows past the tokenizer's (padding) no token reads
+    if cfg.n_embd > embeddings.size(1):
+        raise UserError(f"--rnn-embd {cfg.n_embd} exceeds the {source}'s embedding width {embeddings.size(1)}; "
+                        f"--init-embeddings {init_embeddings} can only shrink it: pass --rnn-embd "
+                        f"{embeddings.size(1)} or less")
+    return tokenizer, embeddings
+
+
+def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None):
+    """A fresh DistilRNN over tokenizer's vocabulary, seeded right before so rnn and
+    distil start from the same weights whatever ran before; its embeddings
+    optionally from another model's (student_start)."""
     seed_everything(seed)
-    model = DistilRNN(cfg)
-    if source is not None:
-        if cfg.n_embd > source.config.n_embd:
-            raise UserError(f"--rnn-embd {cfg.n_embd} exceeds GPT-2's embedding size {source.config.n_embd}; "
-                            "--init-embeddings gpt2 can only shrink it")
-        model.init_embeddings(source.transformer.wte.weight.detach().t())
+    model = DistilRNN(replace(cfg, vocab_size=tokenizer.vocab_size))
+    if embeddings is not None:
+        model.init_embeddings(embeddings)
     return model
 
 
-def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, init_embeddings="random"):
-    """rnn: the DistilRNN trained on the labels alone, the baseline of distil."""
-    splits = load_data(data)
-    model = student(cfg, seed, gpt, init_embeddings).to(device)
-    return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, {"trained_by": "rnn"}))
+def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, init_embeddings="random",
+        teacher_dir=None):
+    """rnn: the DistilRNN trained on the labels alone, the baseline of distil. With
+    init_embeddings "teacher", teacher_dir's teacher gives the student its tokenizer
+    and first embeddings, as in distil, and nothing else: it never runs."""
+    teacher = load_teacher(teacher_dir, gpt.weights if gpt else None) if init_embeddings == "teacher" else None
+    tokenizer, embeddings = student_start(cfg, init_embeddings, gpt, teacher)
+    splits = load_data(data, tokenizer=tokenizer)
+    model = student(cfg, seed, tokenizer, embeddings).to(device)
+    return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "rnn"}))
 
 
 def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, seed, dtype="auto",
            gpt: GPTSource = None, init_embeddings="random", progress=True):
     """distil: the DistilRNN trained on the teacher's logits (and the labels), over
-    the training sentences and cfg.augment.copies synthetic sentences each. The
-    teacher runs in the run's precision (dtype), like the student."""
-    # the teacher before the data: a missing teacher is the quicker mistake to report
+    the training sentences and cfg.augment.copies synthetic sentences each (less
+    duplicates). The teacher runs in the run's precision (dtype), like the student."""
+    # the teacher and what the student starts from before the data: the quicker mistakes to report
     teacher = None if cfg.teacher_logits else load_teacher(cfg.teacher, gpt.weights if gpt else None)
-    train_set, val_set = load_data(data)
+    tokenizer, embeddings = student_start(student_cfg, init_embeddings, gpt, teacher)
+    train_set, val_set = load_data(data, tokenizer=tokenizer)
     if teacher is None:
         targets = teacher_from_file(cfg.teacher_logits, train_set)
     else:
         targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
-    model = student(student_cfg, seed, gpt, init_embeddings).to(device)
+    model = student(student_cfg, seed, tokenizer, embeddings).to(device)
     record = {"teacher": targets.record,
               "distillation": {"alpha": cfg.alpha, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,
                                "swap_prob": cfg.augment.swap_prob, "ngram_prob": cfg.augment.ngram_prob,
-                               "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer)}}
+                               "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer),
+                               "duplicates_dropped": targets.duplicates}}
     agreement = None
     if targets.val_predictions is not None:  # how often the student agrees with its teacher
         agreement = lambda val: {"val_agreement": accuracy(val["logits"].argmax(-1), targets.val_predictions)}  # noqa: E731
     return Task(model, (targets.transfer, val_set),
-                save=lambda out_dir: save_student(model, out_dir, {"trained_by": "distil"}),
+                save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "distil"}),
                 loss_fn=DistilLoss(targets.logits.to(device), cfg), record=record, epoch_metrics=agreement)
 
 
@@ -186,9 +213,10 @@ def predict(checkpoint, sentences, device_name="auto", dtype="auto", weights=Non
     adapters merged, in length-sorted batches."""
     device = resolve_device(device_name)
     model, description = load_classifier(checkpoint, weights, merge=True)
+    tokenizer = load_tokenizer(checkpoint, model)
     info(f"classifier: {description}")
     model.to(device)
-    batches = TokenizedSplit.of_texts(sentences, model.max_len).batches(batch_size)
+    batches = TokenizedSplit.of_texts(sentences, model.max_len, tokenizer=tokenizer).batches(batch_size)
     logits = infer(model, batches, device, resolve_precision(device, dtype))[0]
     return logits.softmax(-1)[:, 1].tolist()
 
@@ -199,9 +227,10 @@ def evaluate_checkpoint(checkpoint, data: DataConfig, output=None, device_name="
     printed and written as JSON (default CHECKPOINT/eval_<split>.json)."""
     device = resolve_device(device_name)
     model, description = load_classifier(checkpoint, weights)
+    tokenizer = load_tokenizer(checkpoint, model)
     model.to(device)
     _, val = load_cola(data.data_dir, data.val_split)
-    result = evaluate(model, TokenizedSplit(val, model.max_len).batches(batch_size), device,
+    result = evaluate(model, TokenizedSplit(val, model.max_len, tokenizer=tokenizer).batches(batch_size), device,
                       resolve_precision(device, dtype))
     (tn, fp), (fn, tp) = result["confusion"]
     print(f"checkpoint: {checkpoint} ({description})")

@@ -16,7 +16,7 @@ import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
 from flags import Parser, check_path, given_flags, in_range, seed_value
-from model import PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
+from model import EMBD_CHANNELS, POOLS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir, read_metrics
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
 from utils import (DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, encode, info, is_main_process,
@@ -27,7 +27,8 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
                "compile", "overwrite", "keep_resume_state", "log_dir")
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
-ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None}
+ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None,
+                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained", "teacher": None}
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 # User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
@@ -103,6 +104,11 @@ def build_parser():
         add_training(p, out_dir=f"runs/{mode}")
         add_student(p)
         add_gpt_source(p)  # GPT-2 for --init-embeddings gpt2, and the teacher's base in distil
+        if mode == "rnn":  # so that rnn can build distil's student: same tokenizer, same first embeddings
+            p.add_argument("--teacher", default=None, metavar="DIR",
+                           help="only with --init-embeddings teacher: the teacher (as distil's --teacher) whose "
+                                "tokenizer and input embeddings the student starts from; rnn never runs it "
+                                f"(default {DISTIL.teacher})")
         if mode == "distil":
             source = p.add_mutually_exclusive_group()
             source.add_argument("--teacher", default=None, metavar="DIR",
@@ -217,12 +223,25 @@ def add_student(p):
     p.add_argument("--embd-dropout", type=float, default=STUDENT.embd_dropout,
                    help=f"dropout on the token embeddings (default {STUDENT.embd_dropout:g})")
     p.add_argument("--head-dropout", type=float, default=STUDENT.head_dropout,
-                   help=f"dropout on the final state, before the classifier (default {STUDENT.head_dropout:g})")
+                   help=f"dropout on the sentence's features, before the classifier (default {STUDENT.head_dropout:g})")
+    p.add_argument("--pool", choices=POOLS, default=STUDENT.pool,
+                   help="the sentence's features: last = the final states (both directions' with --bidirectional); "
+                        "max or mean = the top layer's outputs pooled over the real tokens "
+                        f"(default {STUDENT.pool})")
+    p.add_argument("--rnn-mlp", type=int, default=STUDENT.mlp_hidden, metavar="N",
+                   help="a ReLU layer of N units between the features and the classifier (Tang et al. 2019: 200); "
+                        f"0 = none (default {STUDENT.mlp_hidden})")
     p.add_argument("--embd-weight-decay", type=float, default=TRAIN.embd_weight_decay,
                    help="adamw's weight decay on the token embedding (default: --weight-decay's)")
-    p.add_argument("--init-embeddings", choices=("random", "gpt2"), default="random",
-                   help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant), "
-                        "projected if sizes differ")
+    p.add_argument("--init-embeddings", choices=("random", "gpt2", "teacher"), default="random",
+                   help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant); teacher: read the "
+                        "teacher's tokenizer (no special tokens added; saved under OUT/tokenizer/) and start from its "
+                        "input embeddings (a LoRA teacher: its base GPT-2's, and GPT-2's tokenizer); both reduced by "
+                        "PCA to --rnn-embd, which must not be wider (default random)")
+    p.add_argument("--embd-channels", choices=EMBD_CHANNELS, default=STUDENT.embd_channels,
+                   help="trained: the embedding learns; frozen: it stays as initialised; both: a frozen and a "
+                        "trained copy side by side, the RNN's input twice as wide (Tang et al. 2019) "
+                        f"(default {STUDENT.embd_channels})")
 
 
 # --- gen ---------------------------------------------------------------------
@@ -287,10 +306,12 @@ def check_training_paths(args):
         check_path("--tuning-dir", args.tuning_dir, "dir", write=True)
     check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
     check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
-    if args.mode != "distil":
+    if args.mode == "LoRA":
         return
     check_path("--teacher", args.teacher, "dir", what="the teacher's directory (a LoRA run's --out-dir, or a "
                                                       "Hugging Face classifier's directory)")
+    if args.mode != "distil":
+        return
     check_path("--teacher-logits", args.teacher_logits, "file", exists=True,
                what="a .npy file of the teacher's logits, shape (training sentences, 2)")
     check_path("--teacher-cache", args.teacher_cache, "dir", write=True)
@@ -315,9 +336,15 @@ def validate_training_flags(args):
         return
     in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden", "--rnn-embd")
     in_range(args, "[0, 1)", "--rnn-dropout", "--embd-dropout", "--head-dropout")
-    in_range(args, "[0, inf)", "--embd-weight-decay")
+    in_range(args, "[0, inf)", "--embd-weight-decay", "--rnn-mlp")
+    if args.mode == "rnn" and args.teacher is not None and args.init_embeddings != "teacher":
+        raise UserError("rnn reads --teacher only for --init-embeddings teacher (the teacher's tokenizer and "
+                        "embeddings; it never runs it): add --init-embeddings teacher or drop --teacher")
     if args.mode != "distil":
         return
+    if args.init_embeddings == "teacher" and args.teacher_logits:
+        raise UserError("--init-embeddings teacher reads the teacher's tokenizer and embeddings, and --teacher-logits "
+                        "gives no teacher to read: pass --teacher DIR, or --init-embeddings random or gpt2")
     in_range(args, "(0, inf)", "--kd-temperature")
     in_range(args, "[0, 1]", "--kd-alpha", "--mask-prob", "--swap-prob", "--ngram-prob")
     in_range(args, "[0, inf)", "--augment")
@@ -365,7 +392,8 @@ def lora_config(args):
 def student_config(args):
     return RNNConfig(vocab_size=VOCAB_SIZE, n_embd=args.rnn_embd, rnn_type=args.rnn_type, n_layers=args.rnn_layers,
                      hidden=args.rnn_hidden, bidirectional=args.bidirectional, dropout=args.rnn_dropout,
-                     embd_dropout=args.embd_dropout, head_dropout=args.head_dropout)
+                     embd_dropout=args.embd_dropout, head_dropout=args.head_dropout, pool=args.pool,
+                     mlp_hidden=args.rnn_mlp, embd_channels=args.embd_channels)
 
 
 def distil_config(args):
@@ -394,7 +422,8 @@ def train_mode(args, run):
     if args.mode == "LoRA":
         task = modes.lora(gpt, lora_config(args), data, device, args.dtype)
     elif args.mode == "rnn":
-        task = modes.rnn(student_config(args), data, device, args.seed, gpt, args.init_embeddings)
+        task = modes.rnn(student_config(args), data, device, args.seed, gpt, args.init_embeddings,
+                         args.teacher or DISTIL.teacher)
     else:
         task = modes.distil(distil_config(args), student_config(args), data, device, args.seed, args.dtype, gpt,
                             args.init_embeddings, run.progress)

@@ -269,6 +269,25 @@ def decode(ids):
     return get_tokenizer().decode(ids)
 
 
+class GPT2Tokens:
+    """GPT-2's tokenizer as a student reads it (the default; checkpoints.HFTokens is
+    the other): encode a list of texts, pad with pad_id, render a masked word as
+    mask_token. student.json names it "gpt2"."""
+    name = "gpt2"
+    vocab_size = VOCAB_SIZE
+    pad_id = EOT_TOKEN
+    mask_token = EOT_TEXT
+
+    def encode(self, texts):
+        return [encode(text) for text in texts]
+
+    def save(self, out_dir):
+        """Nothing to write: the name says it all."""
+
+
+GPT2_TOKENS = GPT2Tokens()
+
+
 def print_samples(prompt, token_steps, num_samples, out=None):
     """Print the prompt, stream the first sample's tokens as they come (token_steps
     yields a (num_samples,) tensor per step), then the other samples. A sample ends
@@ -495,18 +514,20 @@ class Batch:
 
 
 class TokenizedSplit:
-    """A split tokenized once, ready to be cut into length-grouped batches."""
+    """A split tokenized once (by GPT-2's tokenizer unless another is given), ready
+    to be cut into length-grouped batches padded with the tokenizer's pad_id."""
 
-    def __init__(self, split: Split, max_len=1024, tokens=None):
-        self.split, self.max_len = split, max_len
+    def __init__(self, split: Split, max_len=1024, tokens=None, tokenizer=GPT2_TOKENS):
+        self.split, self.max_len, self.tokenizer = split, max_len, tokenizer
+        self.pad_id = tokenizer.pad_id
         self.labels = torch.tensor(split.labels, dtype=torch.long)
-        self.tokens = [encode(s) for s in split.sentences] if tokens is None else tokens
+        self.tokens = tokenizer.encode(split.sentences) if tokens is None else tokens
         self.tokens = self._cropped(max_len)
 
     @classmethod
-    def of_texts(cls, texts, max_len=1024, source="input"):
+    def of_texts(cls, texts, max_len=1024, source="input", tokenizer=GPT2_TOKENS):
         """Unlabelled sentences (label 0 stands in) to classify."""
-        return cls(Split(list(texts), [0] * len(texts), source), max_len)
+        return cls(Split(list(texts), [0] * len(texts), source), max_len, tokenizer=tokenizer)
 
     def _cropped(self, max_len):
         """Sentences longer than max_len keep their last max_len tokens: the
@@ -522,12 +543,12 @@ class TokenizedSplit:
         return len(self.tokens)
 
     def make_batch(self, rows, pad_to=1):
-        """The sentences of rows, right-padded with end-of-text to the longest, rounded
+        """The sentences of rows, right-padded with pad_id to the longest, rounded
         up to a multiple of pad_to (a compiled model then meets a few shapes, not one
         per length; the models read each row up to its length, so pads change nothing)."""
         lengths = [len(self.tokens[r]) for r in rows]
         width = min(-(-max(lengths) // pad_to) * pad_to, max(self.max_len, max(lengths)))
-        idx = torch.full((len(rows), width), EOT_TOKEN, dtype=torch.long)
+        idx = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             idx[i, :lengths[i]] = torch.tensor(self.tokens[r])
         rows = torch.tensor(rows, dtype=torch.long)

@@ -6,6 +6,7 @@ model.py against the reference implementation, never against itself.
 """
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 
@@ -119,3 +120,23 @@ def tiny_gpt(tiny_ckpt):
     """Our GPT loaded from tiny_ckpt. Shared: tests must not modify it."""
     import model
     return model.GPT.from_pretrained(tiny_ckpt.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """BertForSequenceClassification (2 layers, 32 wide) with a word-level vocabulary
+    of CoLA's training sentences, saved in float16 with its tokenizer (as the shared
+    MiniLM teacher is): the Hugging Face teacher of test_teacher.py and test_student.py."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from cola import cola_dir
+    from utils import load_cola
+    train, _ = load_cola(cola_dir(), "in")
+    words = sorted({w for s in train.sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(5)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5)
+    BertForSequenceClassification(config).half().save_pretrained(path)
+    return str(path)

@@ -1,11 +1,12 @@
-"""The transfer-set augmentation of utils.py (Tang et al. 2019's three rules) on
-hand-made sentences, and the loss's treatment of synthetic rows."""
+"""The transfer-set augmentation of distil.py (Tang et al. 2019's three rules) on
+hand-made sentences, its duplicates dropped, and the loss's treatment of synthetic
+rows."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from train_utils import distillation_loss, make_training, TrainConfig, train_epoch
-from distil import AugmentConfig, WordSwapper, augment, split_words
+from distil import AugmentConfig, Synthetic, WordSwapper, augment, drop_duplicates, split_words
 from utils import Split, TokenizedSplit
 
 CORPUS = ["The cat sat on the mat.", "The dog sat on the rug.", "A bird sang in the tree.",
@@ -69,6 +70,36 @@ def test_ngram_sampling_keeps_a_contiguous_piece():
         start = words.index(kept[0])
         assert kept == words[start:start + len(kept)]
     assert lengths == {1, 2, 3}
+
+
+def test_duplicates_of_synthetic_or_training_sentences_are_dropped():
+    training = ["The cat sat.", "A dog ran.", "The [MASK] sat."]
+    masked = [("", "The"), (" ", None), (" ", "sat"), ("", ".")]
+    synthetic = [Synthetic(split_words("The cat sat.")),       # a training sentence, unchanged: dropped
+                 Synthetic(masked),                            # kept
+                 Synthetic(split_words("A dog sat.")),         # kept
+                 Synthetic(masked),                            # repeats the second: dropped
+                 Synthetic([("", "The"), (" ", "cat"), (" ", None), ("", ".")]),  # another word masked: kept
+                 Synthetic(split_words("A dog sat.")),         # repeats the third: dropped
+                 Synthetic([("", "A"), (" ", "dog"), (" ", "ran"), ("", ".")]),   # an n-gram as long as the
+                 Synthetic([("", "dog")])]                     # sentence (dropped), and a real n-gram (kept)
+    kept, dropped = drop_duplicates(synthetic, training)
+    assert dropped == 4
+    # the first of each is kept, in order; a masked word is never the literal text of a mask token
+    # ("The [MASK] sat." was a training sentence), whatever the model renders masks as
+    assert [s.render("[MASK]") for s in kept] == ["The [MASK] sat.", "A dog sat.", "The cat [MASK].", "dog"]
+    assert kept[0] is synthetic[1] and kept[1] is synthetic[2]
+
+
+def test_augmented_corpus_has_no_duplicates_left_and_the_seed_decides():
+    corpus = CORPUS * 3  # the same sentence thrice: its copies repeat one another often
+
+    def kept(seed):
+        synthetic = augment(corpus, AugmentConfig(copies=4, seed=seed))
+        return [s.render("[MASK]") for s in drop_duplicates(synthetic, corpus)[0]], len(synthetic)
+    texts, total = kept(0)
+    assert len(set(texts)) == len(texts) < total and not set(texts) & set(corpus)
+    assert kept(0) == (texts, total) and kept(1)[0] != texts
 
 
 # ---------------------------------------------------------------------------

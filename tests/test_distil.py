@@ -108,15 +108,22 @@ def test_kd_gradient_at_high_temperature_matches_logits():
 # DistilRNN
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("pool", ["last", "max", "mean"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("rnn_type", ["rnn", "gru", "lstm"])
-def test_distilrnn_padding_invariance(rnn_type, bidirectional):
+def test_distilrnn_padding_invariance(rnn_type, bidirectional, pool):
     torch.manual_seed(0)
+    mlp = 0 if pool == "last" else 6  # the pooled students also get the ReLU layer
     model = DistilRNN(RNNConfig(vocab_size=100, n_embd=8, rnn_type=rnn_type, n_layers=2, hidden=16,
-                                bidirectional=bidirectional)).eval()
+                                bidirectional=bidirectional, pool=pool, mlp_hidden=mlp)).eval()
+    features = 16 * (2 if bidirectional else 1)  # both directions' states or outputs, side by side
+    if mlp:
+        assert (model.mlp.in_features, model.mlp.out_features, model.classifier.in_features) == (features, 6, 6)
+    else:
+        assert model.mlp is None and model.classifier.in_features == features
     lengths = [5, 1, 9, 3, 9]
     sentences = [torch.randint(0, 99, (n,)) for n in lengths]
-    idx = torch.full((len(sentences), max(lengths)), 99, dtype=torch.long)
+    idx = torch.full((len(sentences), max(lengths) + 4), 99, dtype=torch.long)  # pads after every sentence
     for i, tokens in enumerate(sentences):
         idx[i, :len(tokens)] = tokens
     with torch.no_grad():
@@ -125,6 +132,11 @@ def test_distilrnn_padding_invariance(rnn_type, bidirectional):
         for i, tokens in enumerate(sentences):
             alone = model(tokens[None], torch.tensor([len(tokens)]))
             torch.testing.assert_close(together[i], alone[0], atol=1e-6, rtol=1e-6)
+        if pool != "last":  # the pooling, by hand: the top layer's outputs at a sentence's tokens, unpacked
+            outputs, _ = model.rnn(model.embedding(sentences[0])[None])
+            pooled = outputs[0].amax(0) if pool == "max" else outputs[0].mean(0)
+            by_hand = model.classifier(torch.relu(model.mlp(pooled)))
+            torch.testing.assert_close(together[0], by_hand, atol=1e-6, rtol=1e-6)
         other = idx.clone()
         for i, n in enumerate(lengths):
             other[i, n:] = 7  # another padding value changes nothing either
@@ -218,6 +230,52 @@ def test_distil_with_alpha_zero_reproduces_rnn(data, teacher, tmp_path, capsys):
     assert code == 0, err
     assert read_metrics(tmp_path / "kd")["epochs"][0]["train_loss"] != rnn["epochs"][0]["train_loss"]
     assert any(not torch.equal(a[key], t) for key, t in student_tensors(tmp_path / "kd").items())
+
+
+def assert_same_run(a, b):
+    """Two runs with the same epochs' records (seconds aside) and the same weights."""
+    first, second = read_metrics(a), read_metrics(b)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in first["epochs"]] == \
+        [{k: r[k] for k in r if k not in ("seconds", "val_agreement")} for r in second["epochs"]]
+    assert first["best_epoch"] == second["best_epoch"] and first["params"] == second["params"]
+    x, y = student_tensors(a), student_tensors(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+    return first, x
+
+
+@pytest.mark.parametrize("student_flags", [
+    ["--pool", "max", "--bidirectional", "--rnn-type", "lstm", "--rnn-mlp", "16"],
+    # a LoRA teacher's embeddings are its base GPT-2's (tiny_ckpt, 64 wide), reduced to 16 by PCA
+    ["--init-embeddings", "teacher", "--embd-channels", "both", "--pool", "mean", "--rnn-type", "gru"],
+    # a Hugging Face teacher gives its tokenizer (the tiny BERT's word vocabulary) and embeddings
+    ["--init-embeddings", "teacher", "--embd-channels", "frozen", "hf"],
+], ids=["pooled-lstm-mlp", "lora-teacher-embeddings-both", "hf-teacher-tokenizer-frozen"])
+def test_distil_with_alpha_zero_reproduces_rnn_for_every_student(data, teacher, tiny_bert, tmp_path, capsys,
+                                                                  student_flags):
+    """One student definition: rnn builds distil's student for any student flags, the
+    teacher's tokenizer and embeddings included (rnn reads --teacher for them alone)."""
+    hf = student_flags[-1] == "hf"
+    if hf:
+        teacher, student_flags = shutil.copytree(tiny_bert, tmp_path / "bert"), student_flags[:-1]
+    given_teacher = ["--teacher", teacher] if "teacher" in student_flags else []
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, "rnn", *STUDENT, *student_flags, *given_teacher, "--data-dir", data,
+                       "--out-dir", runs / "rnn", *common(tmp_path))
+    assert code == 0, err
+    assert "running the teacher" not in err  # rnn only reads it
+    code, _, err = cli(capsys, *distil_args(data, teacher, runs / "distil", tmp_path, "--kd-alpha", "0",
+                                            *student_flags))
+    assert code == 0, err
+    metrics, weights = assert_same_run(runs / "rnn", runs / "distil")
+    with open(runs / "distil" / "student.json") as f:
+        settings = json.load(f)
+    if "frozen" in student_flags or "both" in student_flags:  # one embedding table is not trained
+        assert metrics["params"]["trainable"] == metrics["params"]["total"] - settings["config"]["vocab_size"] * 16
+    if "both" in student_flags:
+        assert not torch.equal(weights["embedding.weight"], weights["static_embedding.weight"])
+    assert settings["tokenizer"] == ("tokenizer/" if hf else "gpt2")
 
 
 def test_distil_end_to_end(data, teacher, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """A Hugging Face classifier as the teacher of distil: a tiny, randomly
-initialised BERT that these tests save themselves (stored as float16, as the
-shared MiniLM teacher is), end to end on the real CoLA files, its logits cache
-with the augmented transfer set, and every bad teacher's one-line error."""
+initialised BERT that the tests save themselves (conftest's tiny_bert, stored as
+float16, as the shared MiniLM teacher is), end to end on the real CoLA files, its
+logits cache with the augmented transfer set (duplicates dropped), and every bad
+teacher's one-line error."""
 import json
 import os
 import re
@@ -12,27 +13,10 @@ import pytest
 import torch
 
 from cola import STUDENT, assert_error, cli, cola_dir, common, subset_dir
-from distil import AugmentConfig, augment
+from distil import AugmentConfig, augment, drop_duplicates
 from utils import load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """BertForSequenceClassification (2 layers, 32 wide) with a word-level vocabulary
-    of CoLA's training sentences, saved in float16 with its tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-    train, _ = load_cola(cola_dir(), "in")
-    words = sorted({w for s in train.sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    torch.manual_seed(5)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.5)
-    BertForSequenceClassification(config).half().save_pretrained(path)
-    return str(path)
 
 
 def teacher_copy(tiny_bert, tmp_path):
@@ -64,7 +48,13 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     with open(tmp_path / "distil" / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["teacher"]["source"] == os.path.abspath(teacher)
-    assert metrics["distillation"]["augment"] == 1 and metrics["distillation"]["transfer_sentences"] == 2 * 8551
+    # the seed's synthetic sentences, less those that repeat one another or a training sentence
+    train, val = load_cola(data, "in")
+    synthetic, dropped = drop_duplicates(augment(train.sentences, AugmentConfig(copies=1, seed=0)), train.sentences)
+    assert 0 < dropped < 8551 // 2 and len(synthetic) == 8551 - dropped
+    assert metrics["distillation"]["augment"] == 1 and metrics["distillation"]["duplicates_dropped"] == dropped
+    assert metrics["distillation"]["transfer_sentences"] == 8551 + len(synthetic)
+    assert f"{dropped} duplicates dropped" in err
     assert all("val_agreement" in e for e in metrics["epochs"])
 
     cache = os.path.join(teacher, "teacher_logits")
@@ -72,9 +62,8 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     assert [n.split("-")[0] for n in names] == ["augment", "train", "val"]
     logits = {n.split("-")[0]: np.load(os.path.join(cache, n)) for n in names}
     assert logits["train"].shape == (8551, 2) and logits["val"].shape == (527, 2)
-    assert logits["augment"].shape == (8551, 2)
+    assert logits["augment"].shape == (len(synthetic), 2)
     # the teacher's own float32 logits, with its own tokenizer and attention mask, batched by length or not
-    train, val = load_cola(data, "in")
     rows = [0, 1, 4000, 8550]
     torch.testing.assert_close(torch.from_numpy(logits["train"][rows]),
                                reference_logits(teacher, [train.sentences[r] for r in rows]), atol=1e-4, rtol=1e-4)
@@ -82,7 +71,7 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     from train_utils import matthews_corrcoef
     assert metrics["teacher"]["val_mcc"] == pytest.approx(matthews_corrcoef(logits["val"].argmax(-1), val.labels))
     # synthetic sentences: the seed's augmentation, masks rendered as the teacher's [MASK]
-    synthetic = augment(train.sentences, AugmentConfig(copies=1, seed=0))
+    rows[-1] = len(synthetic) - 1
     texts = [synthetic[r].render("[MASK]") for r in rows]
     assert any("[MASK]" in s.render("[MASK]") for s in synthetic[:50])
     torch.testing.assert_close(torch.from_numpy(logits["augment"][rows]), reference_logits(teacher, texts),
@@ -93,7 +82,7 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     argv = [*argv, "--data-dir", subset_dir(tmp_path_factory)]
     code, _, err = cli(capsys, *argv, "--out-dir", tmp_path / "subset")
     assert code == 0, err
-    assert err.count("running the teacher") == 3 and "over 300 augment sentences" in err
+    assert err.count("running the teacher") == 3 and re.search(r"over \d+ augment sentences", err)
     subset_names = cache_names(cache)
     assert set(names) < set(subset_names) and len(subset_names) == 6
     # again: every logit from the cache
@@ -105,7 +94,7 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     for extra in (["--mask-prob", "0.3"], ["--seed", "1"]):
         code, _, err = cli(capsys, *argv, *extra, "--out-dir", tmp_path / "other")
         assert code == 0, err
-        assert err.count("running the teacher") == 1 and "over 300 augment sentences" in err
+        assert err.count("running the teacher") == 1 and re.search(r"over \d+ augment sentences", err)
         assert err.count("from cache") == 2  # train and val
         shutil.rmtree(tmp_path / "other")
     assert set(subset_names) < set(cache_names(cache)) and len(cache_names(cache)) == 8
