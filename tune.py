@@ -201,7 +201,11 @@ def run_tune_report(args):
               f"{r['val_acc']:>11.4f} ± {r['val_acc_std']:.4f}")
     name = os.path.splitext(os.path.basename(args.table))[0]
     path = os.path.join(args.plots_dir, f"tune_{name}.png")
-    plot_tuning(summary, path, f"sweep: {args.table}")
+    curve = one_numeric_setting(summary)
+    if curve:
+        plot_curve(summary, curve, path, f"sweep: {args.table}")
+    else:
+        plot_tuning(summary, path, f"sweep: {args.table}")
     info(f"wrote {path}")
     return summary
 
@@ -290,6 +294,38 @@ def safe_name(text):
 # ---------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------
+
+def one_numeric_setting(summary):
+    """The name of the one setting in which every row differs, when it is a number
+    (e.g. augment=1,3,6), else None: such a sweep reads best as a curve."""
+    names, values = set(), []
+    for row in summary:
+        name, _, value = row["settings"].partition("=")
+        try:
+            values.append(float(value))
+        except ValueError:
+            return None
+        names.add(name)
+        if " " in value or not value:
+            return None
+    return names.pop() if len(names) == 1 and len(summary) > 2 else None
+
+
+def plot_curve(rows, name, path, title):
+    """Mean best validation MCC (+- std over seeds) against the one numeric setting."""
+    plt = pyplot()
+    rows = sorted(rows, key=lambda r: float(r["settings"].partition("=")[2]))
+    x = [float(r["settings"].partition("=")[2]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(x, [r["val_mcc"] for r in rows], yerr=[r["val_mcc_std"] for r in rows], marker="o", capsize=3)
+    for xi, r in zip(x, rows):
+        ax.annotate(f"n={r['n']}", (xi, r["val_mcc"]), textcoords="offset points", xytext=(4, -12), fontsize="small")
+    ax.set_xlabel(name)
+    ax.set_ylabel("best validation MCC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    save_figure(plt, fig, path)
+
 
 def plot_tuning(rows, path, title):
     """Mean best validation MCC of every setting of a sweep (+- std over seeds), best

@@ -177,3 +177,31 @@ def test_two_processes_share_a_sweep(tmp_path_factory, tmp_path, capsys):
     assert "seed=1 already in" in err and "seed=2 is running in another process, skipped" in err
     with open(tmp_path / "tuning" / "rnn.tsv") as f:
         assert [line.split("\t")[0] for line in f][1:] == ["seed=1", "seed=0"]
+
+
+def test_a_sweep_of_one_number_is_plotted_as_a_curve(tmp_path, capsys, monkeypatch):
+    """augment=1,3,10 over seeds: mean ± std against the number, in its order (not by MCC);
+    a sweep over anything else keeps the bar chart."""
+    import tune
+    from tune import append_tsv_row
+    curves, bars = [], []
+    monkeypatch.setattr(tune, "plot_curve", lambda rows, name, path, title: curves.append((rows, name)))
+    monkeypatch.setattr(tune, "plot_tuning", lambda rows, path, title: bars.append(rows))
+    table = str(tmp_path / "distil.tsv")
+    for copies, mccs in ((10, (0.30, 0.26)), (1, (0.10, 0.12)), (3, (0.20, 0.22))):
+        for seed, mcc in enumerate(mccs):
+            append_tsv_row(table, {"settings": f"augment={copies} seed={seed}", "best_epoch": 3, "val_acc": 0.7,
+                                   "val_mcc": mcc, "seconds": 1.0, "out_dir": "x", "fixed": "{}"})
+    code, _, err = cli(capsys, "tune-report", table, "--plots-dir", tmp_path)
+    assert code == 0, err
+    (rows, name), = curves
+    assert name == "augment" and not bars
+    means = {r["settings"]: r["val_mcc"] for r in rows}
+    assert means == pytest.approx({"augment=1": 0.11, "augment=3": 0.21, "augment=10": 0.28})
+    other = str(tmp_path / "rnn.tsv")
+    for settings in ("rnn_type=gru", "rnn_type=lstm", "rnn_type=rnn"):
+        append_tsv_row(other, {"settings": settings, "best_epoch": 1, "val_acc": 0.7, "val_mcc": 0.1,
+                               "seconds": 1.0, "out_dir": "x", "fixed": "{}"})
+    code, _, err = cli(capsys, "tune-report", other, "--plots-dir", tmp_path)
+    assert code == 0, err
+    assert len(bars) == 1 and len(curves) == 1
