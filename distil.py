@@ -40,6 +40,7 @@ class DistilConfig:
     teacher_logits: str = None     # or a .npy of the training sentences' logits (then no teacher, no augmentation)
     teacher_cache: str = None      # default: next to the teacher, or the user's cache for a read-only one
     alpha: float = 0.5             # weight of the teacher term; 0 = labels only, i.e. rnn
+    alpha_real: float = None       # the teacher's weight on the real training sentences (None: alpha)
     temperature: float = 2.0
     loss: str = "kl"               # kl (Hinton) | mse on logits (Tang)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(copies=3))
@@ -56,7 +57,7 @@ class DistilLoss:
     def __call__(self, student_logits, batch):
         rows = batch.rows.to(self.teacher_logits.device, non_blocking=True)
         return distillation_loss(student_logits, self.teacher_logits[rows].to(student_logits.device), batch.labels,
-                                 self.cfg.alpha, self.cfg.temperature, self.cfg.loss)
+                                 self.cfg.alpha, self.cfg.temperature, self.cfg.loss, self.cfg.alpha_real)
 
 
 # ---------------------------------------------------------------------------

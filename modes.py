@@ -144,7 +144,7 @@ def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, 
         targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
     model = student(student_cfg, seed, tokenizer, embeddings).to(device)
     record = {"teacher": targets.record,
-              "distillation": {"alpha": cfg.alpha, "temperature": cfg.temperature, "loss": cfg.loss,
+              "distillation": {"alpha": cfg.alpha, "alpha_real": cfg.alpha_real, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,
                                "swap_prob": cfg.augment.swap_prob, "ngram_prob": cfg.augment.ngram_prob,
                                "max_ngram": cfg.augment.max_ngram, "transfer_sentences": len(targets.transfer),

@@ -28,7 +28,7 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
 ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None,
-                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained", "teacher": None}
+                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained", "teacher": None, "kd_alpha_real": None}
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 # User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
@@ -117,6 +117,9 @@ def build_parser():
                                      f"(default {DISTIL.teacher})")
             source.add_argument("--teacher-logits", metavar="FILE",
                                 help="distil from any teacher: .npy of shape (training sentences, 2)")
+            p.add_argument("--kd-alpha-real", type=float, default=DISTIL.alpha_real, metavar="A",
+                           help="the teacher term's weight on the real training sentences, which the teacher has "
+                                "nearly memorised (default: --kd-alpha's); synthetic ones keep --kd-alpha")
             p.add_argument("--kd-temperature", type=float, default=DISTIL.temperature,
                            help=f"softmax temperature T (default {DISTIL.temperature:g})")
             p.add_argument("--kd-alpha", type=float, default=DISTIL.alpha,
@@ -346,7 +349,7 @@ def validate_training_flags(args):
         raise UserError("--init-embeddings teacher reads the teacher's tokenizer and embeddings, and --teacher-logits "
                         "gives no teacher to read: pass --teacher DIR, or --init-embeddings random or gpt2")
     in_range(args, "(0, inf)", "--kd-temperature")
-    in_range(args, "[0, 1]", "--kd-alpha", "--mask-prob", "--swap-prob", "--ngram-prob")
+    in_range(args, "[0, 1]", "--kd-alpha", "--kd-alpha-real", "--mask-prob", "--swap-prob", "--ngram-prob")
     in_range(args, "[0, inf)", "--augment")
     in_range(args, "[1, inf)", "--max-ngram")
     if args.mask_prob + args.swap_prob > 1:
@@ -401,7 +404,7 @@ def distil_config(args):
                             ngram_prob=args.ngram_prob, max_ngram=args.max_ngram, seed=args.seed)
     teacher = args.teacher or (None if args.teacher_logits else DISTIL.teacher)
     return DistilConfig(teacher=teacher, teacher_logits=args.teacher_logits, teacher_cache=args.teacher_cache,
-                        alpha=args.kd_alpha, temperature=args.kd_temperature, loss=args.kd_loss, augment=augment)
+                        alpha=args.kd_alpha, alpha_real=args.kd_alpha_real, temperature=args.kd_temperature, loss=args.kd_loss, augment=augment)
 
 
 def run_training(args):

@@ -63,13 +63,15 @@ def best_epoch(history):
 # Losses
 # ---------------------------------------------------------------------------
 
-def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, kind="kl"):
+def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, kind="kl",
+                      alpha_real=None):
     """Per row alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, label),
     averaged over the rows (Hinton et al. 2015). The T^2 keeps the soft term's
     gradients on the same scale whatever the temperature. kind="mse" matches logits
     instead (Tang et al. 2019). A row labelled -1 (a synthetic sentence: no gold
-    label) gets the teacher term only."""
-    if alpha == 0:
+    label) gets the teacher term only. alpha_real (None: alpha) is the teacher's
+    weight on the rows with a gold label, the real training sentences."""
+    if alpha == 0 and not alpha_real:
         return F.cross_entropy(student_logits, labels)
     hard = F.cross_entropy(student_logits, labels, ignore_index=-1, reduction="none")
     if kind == "mse":
@@ -78,6 +80,8 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, tempera
         soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
                         F.log_softmax(teacher_logits / temperature, dim=-1),
                         reduction="none", log_target=True).sum(-1) * temperature ** 2
+    if alpha_real is not None and alpha_real != alpha:
+        alpha = torch.full_like(soft, alpha).masked_fill(labels >= 0, alpha_real)
     return (alpha * soft + (1 - alpha) * hard).mean()
 
 

@@ -70,6 +70,22 @@ def test_kd_loss_special_cases():
     assert float(distillation_loss(s, t, labels, alpha=1.0)) > 0
 
 
+@pytest.mark.parametrize("alpha_real", [0.0, 0.2, 0.5])
+def test_kd_alpha_real_weighs_the_real_rows_only(alpha_real):
+    """--kd-alpha-real: rows with a gold label mix teacher and label by alpha_real;
+    synthetic rows (label -1) keep alpha times the teacher term; alpha_real = alpha is
+    the plain loss, bit for bit."""
+    s, t, labels = logits_case(batch=6)
+    labels[3:] = -1
+    alpha, temperature = 0.7, 2.0
+    loss = distillation_loss(s, t, labels, alpha, temperature, alpha_real=alpha_real)
+    real = kd_by_hand(s[:3], t[:3], labels[:3], alpha_real, temperature) * 3
+    synthetic = alpha * (kd_by_hand(s[3:], t[3:], torch.zeros(3, dtype=torch.long), 1.0, temperature) * 3)
+    assert float(loss) == pytest.approx((real + synthetic) / 6, abs=1e-10)
+    assert torch.equal(distillation_loss(s, t, labels, alpha, temperature, alpha_real=alpha),
+                       distillation_loss(s, t, labels, alpha, temperature))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 def test_kd_mse_variant(alpha):
     s, t, labels = logits_case(classes=3)
