@@ -120,3 +120,22 @@ def test_log_dir_writes_every_step_and_epoch_as_csv(tmp_path, tmp_path_factory, 
     assert code == 0, err
     assert read_csv(tmp_path / "log2" / "steps.csv") == steps
     assert [r[:-1] for r in read_csv(tmp_path / "log2" / "epochs.csv")] == [r[:-1] for r in epochs]
+
+
+def test_distil_plot_separates_objective_from_validation_loss_and_marks_teacher_and_best(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(rundir, "save_figure", lambda plt, fig, path: figures.append(fig))
+    epochs = [{"epoch": e, "train_loss": 0.2 / e, "val_loss": 0.62 + 0.01 * e, "train_acc": 0.7 + 0.05 * e,
+               "val_acc": 0.7, "train_mcc": 0.1 * e, "val_mcc": [0.1, 0.25, 0.2][e - 1]} for e in (1, 2, 3)]
+    record = {"epochs": epochs, "best_epoch": 2, "teacher": {"val_acc": 0.74, "val_mcc": 0.31}}
+    rundir.plot_history(record, str(tmp_path / "distil.png"), "distil in runs/distil: 3 epochs, seed 0")
+    objective, validation, accuracy, mcc = figures[0].axes
+    assert "objective" in objective.get_title() and "validation cross-entropy" in validation.get_title()
+    assert [line.get_ydata()[0] for line in objective.get_lines()[:1]] == [0.2]  # only the objective there
+    for ax, level in ((accuracy, 0.74), (mcc, 0.31)):
+        teacher = [line for line in ax.get_lines() if line.get_label() == "teacher (validation)"]
+        assert teacher and list(teacher[0].get_ydata()) == [level, level]
+    for ax in figures[0].axes:
+        kept = [line for line in ax.get_lines() if line.get_label() == "kept: epoch 2"]
+        assert kept and list(kept[0].get_xdata()) == [2, 2]
+    assert "seed 0" in figures[0]._suptitle.get_text()
