@@ -195,7 +195,7 @@ def plot_history(record, path, title):
     best = record["best_epoch"]
     teacher = record.get("teacher") or {}
     objective = "training objective (teacher + labels)" if teacher else "training cross-entropy"
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), layout="constrained")
     axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue")
     axes[0].set_title(objective)
     axes[1].plot(epochs, [r["val_loss"] for r in history], "s-", color="tab:orange")
