@@ -138,10 +138,13 @@ def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
         atomic_write(str(tmp_path / "atomic.txt"), lambda tmp: open(tmp, "w").write("x"))
         with open(tmp_path / "plain.txt", "w") as f:
             f.write("x")
+        # safetensors writes a file of its own over the temporary name: its mode must follow too
+        utils.save_tensors(str(tmp_path / "student.safetensors"), {"w": torch.zeros(2)})
     finally:
         os.umask(umask)
     mode = stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "student.safetensors").st_mode) == 0o644
 
 
 # ---------------------------------------------------------------------------
