@@ -121,7 +121,7 @@ def build_parser():
                            help="the teacher term's weight on the real training sentences, which the teacher has "
                                 "nearly memorised (default: --kd-alpha's); synthetic ones keep --kd-alpha")
             p.add_argument("--kd-temperature", type=float, default=DISTIL.temperature,
-                           help=f"softmax temperature T (default {DISTIL.temperature:g})")
+                           help=f"softmax temperature T of --kd-loss kl (default {DISTIL.temperature:g})")
             p.add_argument("--kd-alpha", type=float, default=DISTIL.alpha,
                            help=f"weight of the teacher term; 0 = labels only, i.e. rnn (default {DISTIL.alpha:g})")
             p.add_argument("--kd-loss", choices=("kl", "mse"), default=DISTIL.loss,

@@ -303,7 +303,7 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     assert {"mode", "args", "params", "epochs", "best_epoch", "teacher", "distillation"} <= set(metrics)
     assert metrics["params"]["total"] == metrics["params"]["trainable"] > 0
     assert {k: metrics["distillation"][k] for k in ("alpha", "temperature", "loss", "augment")} == \
-        {"alpha": 0.5, "temperature": 2.0, "loss": "kl", "augment": 0}
+        {"alpha": 0.5, "temperature": 2.0, "loss": "mse", "augment": 0}  # mse: the default since issue #17
     assert metrics["distillation"]["transfer_sentences"] == SUBSET_ROWS["train"]
     for epoch in metrics["epochs"]:
         assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_mcc", "seconds",
