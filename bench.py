@@ -213,7 +213,7 @@ def bench_lora(args):
 
     from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora, set_trainable, \
         store_frozen_in_bf16
-    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, compile_model, make_training,
+    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, batch_shapes, compile_model, make_training,
                              precision_of, resolve_precision, tf32_products, train_epoch)
     device = torch.device(args.device)
     batch_size = args.batch_size or 32
@@ -229,6 +229,8 @@ def bench_lora(args):
         generator = torch.Generator().manual_seed(0)
         return train_set.batches(batch_size, shuffle=True, generator=generator, pad_to=pad_to)[:steps]
 
+    plain, padded = ours_batches(), ours_batches(COMPILE_PAD_TO)  # eager's batches, and --compile's
+
     def ours_seconds(precision, compiled=False, epochs=1):
         """Seconds of each of `epochs` passes over the same batches (a compiled model
         pays its compiling in the first)."""
@@ -239,7 +241,7 @@ def bench_lora(args):
             store_frozen_in_bf16(classifier)
         params, optimizer, scheduler = make_training(classifier, cfg, steps * epochs)
         model = compile_model(classifier, device) if compiled else classifier
-        batches = ours_batches(COMPILE_PAD_TO if compiled else 1)
+        batches = padded if compiled else plain
         times = []
         for _ in range(epochs):
             sync(device)
@@ -250,7 +252,6 @@ def bench_lora(args):
             times.append(time.perf_counter() - start)
         return times
 
-    plain = ours_batches()
     n_ours = sum(len(b.labels) for b in plain)
     seconds = {precision: ours_seconds(precision)[0] for precision in precisions}
     compiled = None
@@ -312,18 +313,14 @@ def bench_lora(args):
               "gemm_bfloat16": gemm[torch.bfloat16], "model_gflops": {p: flop / t / 1e9 for p, t in seconds.items()},
               **{p: n_ours / t for p, t in seconds.items()}}
     if compiled:
-        padded_flop = lora_step_flop(ours_batches(COMPILE_PAD_TO), shape)
+        padded_flop = lora_step_flop(padded, shape)
         steady = min(compiled[1:])
         print(f"ours, --compile (auto, batches padded to multiples of {COMPILE_PAD_TO} tokens): first epoch "
               f"{compiled[0]:.2f} s (compiling), then {steady:.2f} s = {n_ours / steady:.1f} sentences/s, "
               f"{padded_flop / steady / 1e9:.0f} model GFLOP/s incl. the padding; eager {seconds[auto]:.2f} s; "
-              f"{batch_shapes(ours_batches(COMPILE_PAD_TO))} batch shapes")
+              f"{batch_shapes(padded)} batch shapes")
         result.update(compiled_first=compiled[0], compiled_steady=steady, compiled=n_ours / steady)
     return result
-
-
-def batch_shapes(batches):
-    return len({tuple(b.idx.shape) for b in batches})
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, lora_layers,
                    merge_lora, set_trainable)
-from utils import GPT2_TOKENS, gpt2_directory, one_line, save_json, save_tensors
+from utils import GPT2_TOKENS, gpt2_directory, one_line, save_json, save_tensors, usual_mode
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
 
@@ -158,9 +158,7 @@ class HFTokens:
         tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.")
         try:
             self.tokenizer.save_pretrained(tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep others from reading the run
+            os.chmod(tmp, usual_mode(0o777))  # mkdtemp's 0700 would keep others from reading the run
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)

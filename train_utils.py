@@ -384,11 +384,6 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
     shapes = set()
     if compile:
         trained = compile_model(trained, device)
-        probe = train_set.batches(cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                  pad_to=pad_to)
-        note = compile_note(device, steps_per_epoch * (cfg.epochs - len(history)), batch_shapes(probe))
-        if note:
-            info(note)
     val_batches = val_set.batches(cfg.batch_size)
     epochs_this_call = 0
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -396,6 +391,10 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
             break
         start = time.time()
         batches = train_set.batches(cfg.batch_size, shuffle=True, generator=generator, pad_to=pad_to)
+        if compile and epochs_this_call == 0:  # before the first compiled step: a run that cannot pay says so
+            note = compile_note(device, steps_per_epoch * (cfg.epochs - len(history)), batch_shapes(batches))
+            if note:
+                info(note)
         shapes |= {tuple(b.idx.shape) for b in batches}
         steps = [] if on_steps is not None else None
         try:

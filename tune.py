@@ -298,16 +298,14 @@ def safe_name(text):
 def one_numeric_setting(summary):
     """The name of the one setting in which every row differs, when it is a number
     (e.g. augment=1,3,6), else None: such a sweep reads best as a curve."""
-    names, values = set(), []
+    names = set()
     for row in summary:
         name, _, value = row["settings"].partition("=")
-        try:
-            values.append(float(value))
+        try:  # "lr=1e-3 epochs=1" (two settings) is no number either
+            float(value)
         except ValueError:
             return None
         names.add(name)
-        if " " in value or not value:
-            return None
     return names.pop() if len(names) == 1 and len(summary) > 2 else None
 
 

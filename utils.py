@@ -581,6 +581,14 @@ class TokenizedSplit:
 # Files a run writes: atomically, readable by all
 # ---------------------------------------------------------------------------
 
+def usual_mode(bits):
+    """bits less the process's umask: the mode a plain open() (0o666) or mkdir()
+    (0o777) gives, for files made by mkstemp/mkdtemp (0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return bits & ~umask
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto path: a crash leaves the old file whole.
     The file gets the mode a plain open() would give (mkstemp's is 0600, and
@@ -589,11 +597,9 @@ def atomic_write(path, write):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, usual_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
