@@ -67,7 +67,7 @@ def best_of(repeats, fn, device):
 def bench_gen(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from model import GPT
+    from checkpoints import load_gpt
     from train_utils import autocast_for, resolve_precision, tf32_products
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def bench_gen(args):
         # random weights of the real gpt2 shape (124M): decoding speed does not depend on their values
         GPT2LMHeadModel(GPT2Config()).save_pretrained(ckpt)
         reference = GPT2LMHeadModel.from_pretrained(ckpt).to(device).eval()
-        ours = GPT.from_pretrained(ckpt).to(device)
+        ours = load_gpt(ckpt).to(device)
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens), device=device)
     new = args.new_tokens
 

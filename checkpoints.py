@@ -11,9 +11,10 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file
 
-from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, lora_layers,
-                   merge_lora, set_trainable)
-from utils import GPT2_TOKENS, gpt2_directory, one_line, save_json, save_tensors, usual_mode
+from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, GPTConfig, LoRAConfig, RNNConfig, WeightsError, add_lora,
+                   lora_layers, merge_lora, set_trainable)
+from hub import gpt2_directory
+from utils import GPT2_TOKENS, one_line, save_json, save_tensors, usual_mode
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
 
@@ -80,6 +81,55 @@ def read_tensors(path):
                               "re-run training to write it again") from None
 
 
+# ---------------------------------------------------------------------------
+# Pretrained GPT-2 in Hugging Face's format
+# ---------------------------------------------------------------------------
+
+def gpt2_files(directory):
+    """(config.json path, weights path) of a local Hugging Face GPT-2 directory
+    (hub.gpt2_directory has checked that it exists)."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory "
+                           "(config.json + model.safetensors or pytorch_model.bin)")
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        weights_path = os.path.join(directory, weights_name)
+        if os.path.isfile(weights_path):
+            return config_path, weights_path
+    raise WeightsError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+def load_gpt(name_or_path, dropout=0.0):
+    """GPT-2 from a local Hugging Face directory (config.json and model.safetensors
+    or pytorch_model.bin) or a hub id, which hub.gpt2_directory finds in the
+    cache or downloads."""
+    config_path, weights_path = gpt2_files(gpt2_directory(name_or_path))
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {config_path}: {e}") from None
+    try:
+        config = GPTConfig(block_size=int(hf["n_positions"]), vocab_size=int(hf["vocab_size"]),
+                           n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=int(hf["n_embd"]),
+                           layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=dropout)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{config_path} is not a GPT-2 config (missing or bad {e})") from None
+    if config.n_embd % config.n_head:
+        raise WeightsError(f"{config_path}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+    try:
+        # never unpickle arbitrary objects from a file someone handed us
+        state = load_file(weights_path) if weights_path.endswith(".safetensors") else \
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights {weights_path}: {one_line(e)[:200]}") from None
+    return GPT.from_hf_state(config, state, weights_path)
+
+
+# ---------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------
+
 def load_lora_classifier(adapter_dir, weights=None):
     """Rebuild a LoRA classifier from a PEFT adapter dir; the base comes from
     weights (a local directory) or else from the adapter's base_model_name_or_path."""
@@ -91,7 +141,7 @@ def load_lora_classifier(adapter_dir, weights=None):
         raise CheckpointError(f"{adapter_dir}/adapter_config.json names no base model; pass --weights DIR")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    gpt = GPT.from_pretrained(gpt2_directory(base))
+    gpt = load_gpt(base)
     try:
         add_lora(gpt, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]))
     except (KeyError, ValueError) as e:

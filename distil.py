@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, HFTokens, find_adapter_dir, load_lora_classifier, read_json
-from model import GPT, _checkpoint_files
+from checkpoints import CheckpointError, HFTokens, find_adapter_dir, gpt2_files, load_gpt, load_lora_classifier, read_json
+from hub import TEACHER_HINT, gpt2_directory, hub_directory, looks_like_hub_id
 from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
                          resolve_precision, tf32_products)
-from utils import (EOT_TEXT, GPT2_TOKENS, TEACHER_HINT, Split, TokenizedSplit, atomic_write, barrier, gpt2_directory,
-                   hub_directory, info, is_main_process, looks_like_hub_id, one_line, sha256_of_file)
+from utils import (EOT_TEXT, GPT2_TOKENS, Split, TokenizedSplit, atomic_write, barrier, info, is_main_process, one_line,
+                   sha256_of_file)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class LoRATeacher:
             if not os.path.isfile(path):
                 raise CheckpointError(f"teacher checkpoint file {path} is missing; re-run LoRA training")
             digest.update(sha256_of_file(path).encode())
-        for path in _checkpoint_files(gpt2_directory(self.base)):
+        for path in gpt2_files(gpt2_directory(self.base)):
             status = os.stat(path)
             digest.update(f"{os.path.realpath(path)}:{status.st_size}:{status.st_mtime_ns}".encode())
         return digest.hexdigest()
@@ -101,7 +101,7 @@ class LoRATeacher:
 
     def input_embeddings(self):
         """The base GPT-2's token embeddings, (vocab, width)."""
-        return GPT.from_pretrained(gpt2_directory(self.base)).transformer.wte.weight.detach().t()
+        return load_gpt(self.base).transformer.wte.weight.detach().t()
 
     def logits(self, texts, device, precision):
         if self._model is None:

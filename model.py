@@ -1,12 +1,10 @@
 """The whole model in one file: GPT-2 (with a KV cache), LoRA adapters and the
 DistilRNN student.
 
-Nothing here knows about training, the network or the command line; it only needs
-torch, plus safetensors to read pretrained weights from a local directory.
+Nothing here knows about training, files, the network or the command line; it
+only needs torch. checkpoints.py reads pretrained weights from disk.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,7 +40,7 @@ PRESETS = {
 
 
 def _init_normal(tensor, std=0.02):
-    """GPT-2's initialisation; skipped on the meta device, where from_pretrained
+    """GPT-2's initialisation; skipped on the meta device, where from_hf_state
     builds the model before adopting the checkpoint's tensors (and where init
     would only cost time)."""
     if not tensor.is_meta:
@@ -212,30 +210,14 @@ class GPT(nn.Module):
     # -- pretrained weights -------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory, dropout=0.0):
-        """Load a GPT-2 checkpoint in Hugging Face format from a local directory with
-        config.json and model.safetensors (or pytorch_model.bin). utils.gpt2_directory
-        finds or downloads one from the hub."""
-        config_path, weights_path = _checkpoint_files(directory)
-        try:
-            with open(config_path) as f:
-                hf = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise WeightsError(f"cannot read {config_path}: {e}") from None
-        try:
-            config = GPTConfig(block_size=int(hf["n_positions"]), vocab_size=int(hf["vocab_size"]),
-                               n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=int(hf["n_embd"]),
-                               layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=dropout)
-        except (KeyError, TypeError, ValueError) as e:
-            raise WeightsError(f"{config_path} is not a GPT-2 config (missing or bad {e})") from None
-        if config.n_embd % config.n_head:
-            raise WeightsError(f"{config_path}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
-        state = _read_state_dict(weights_path)
-        # Build on the meta device and adopt the loaded tensors (assign=True), so no
-        # second full copy of the weights is ever allocated.
+    def from_hf_state(cls, config, state, source):
+        """A GPT holding the tensors of a Hugging Face GPT2Model / GPT2LMHeadModel
+        state dict (source names it in errors); checkpoints.load_gpt reads one from
+        a directory. Built on the meta device, adopting the tensors (assign=True),
+        so no second full copy of the weights is ever allocated."""
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(_hf_to_ours(state, config, weights_path), assign=True)
+        model.load_state_dict(_hf_to_ours(state, config, source), assign=True)
         return model.eval()
 
     def num_params(self):
@@ -321,36 +303,7 @@ def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, g
     return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
 
 
-def _checkpoint_files(directory):
-    """(config.json path, weights path) of a local Hugging Face GPT-2 directory."""
-    if not os.path.isdir(directory):
-        raise WeightsError(f"weights directory {directory} does not exist")
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise WeightsError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory "
-                           "(config.json + model.safetensors or pytorch_model.bin)")
-    for weights_name in ("model.safetensors", "pytorch_model.bin"):
-        weights_path = os.path.join(directory, weights_name)
-        if os.path.isfile(weights_path):
-            return config_path, weights_path
-    raise WeightsError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
-
-
-def _read_state_dict(weights_path):
-    try:
-        if weights_path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(weights_path)
-        # never unpickle arbitrary objects from a file someone handed us
-        return torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]  # one line, even from an empty message
-        raise WeightsError(f"cannot read weights {weights_path}: {reason}") from None
-
-
-
-
-def _hf_to_ours(state, config, weights_path):
+def _hf_to_ours(state, config, source):
     """Map a GPT2Model / GPT2LMHeadModel state dict onto our parameter names."""
     ours = {}
     for key, tensor in state.items():
@@ -365,15 +318,15 @@ def _hf_to_ours(state, config, weights_path):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
     extra = sorted(set(ours) - set(expected))
     if extra:
-        raise WeightsError(f"{weights_path} does not match its config.json: it has {len(extra)} tensors the config "
+        raise WeightsError(f"{source} does not match its config.json: it has {len(extra)} tensors the config "
                            f"does not describe (first: {extra[0].removeprefix('transformer.')})")
     missing = sorted(set(expected) - set(ours))
     if missing:
-        raise WeightsError(f"{weights_path} does not match its config.json: {len(missing)} tensors missing "
+        raise WeightsError(f"{source} does not match its config.json: {len(missing)} tensors missing "
                            f"(first: {missing[0].removeprefix('transformer.')})")
     for key, shape in expected.items():
         if ours[key].shape != shape:
-            raise WeightsError(f"{weights_path} does not match its config.json: "
+            raise WeightsError(f"{source} does not match its config.json: "
                                f"{key.removeprefix('transformer.')} has shape {tuple(ours[key].shape)}, "
                                f"expected {tuple(shape)}")
     return {k: ours[k] for k in expected}

@@ -10,13 +10,14 @@ from typing import Callable
 
 import torch
 
-from checkpoints import CheckpointError, load_classifier, load_tokenizer, save_lora_adapter, save_student
+from checkpoints import CheckpointError, load_classifier, load_gpt, load_tokenizer, save_lora_adapter, save_student
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
-from model import GPT, PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
+from model import PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
 from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
-from utils import (GPT2_TOKENS, HUB_IDS, DataConfig, TokenizedSplit, UserError, gpt2_directory, info,
+from hub import HUB_IDS
+from utils import (GPT2_TOKENS, DataConfig, TokenizedSplit, UserError, info,
                    init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
 
 
@@ -38,7 +39,7 @@ class GPTSource:
             raise UserError(f"unknown --gpt-variant {self.variant!r}; choose from {', '.join(PRESETS)}")
         source = self.weights or self.variant
         info(f"loading GPT-2 weights from {source}")
-        return GPT.from_pretrained(gpt2_directory(source)).to(device)
+        return load_gpt(source).to(device)
 
 
 @dataclass

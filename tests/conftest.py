@@ -118,8 +118,8 @@ def eot_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt(tiny_ckpt):
     """Our GPT loaded from tiny_ckpt. Shared: tests must not modify it."""
-    import model
-    return model.GPT.from_pretrained(tiny_ckpt.path)
+    from checkpoints import load_gpt
+    return load_gpt(tiny_ckpt.path)
 
 
 @pytest.fixture(scope="session")

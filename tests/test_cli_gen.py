@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import run
+from checkpoints import load_gpt
 from cola import assert_error
 from cola import cli as shared_cli
 from conftest import EOT, PROJECT_ROOT, TINY
@@ -36,7 +37,7 @@ def cli_subprocess(*args, input=None, env=None, timeout=120):
 def library_text(weights, prompt, n, num_samples=1, **kwargs):
     """What the CLI should print for each sample: prompt + decoded continuation,
     cut at the first <|endoftext|>."""
-    gpt = GPT.from_pretrained(weights)
+    gpt = load_gpt(weights)
     idx = torch.tensor([encode(prompt)] * num_samples)
     out = gpt.generate(idx, n, **kwargs)[:, idx.size(1):].tolist()
     return [prompt + decode(row[:row.index(EOT)] if EOT in row else row) for row in out]

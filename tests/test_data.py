@@ -277,8 +277,9 @@ def test_truncation_keeps_the_last_tokens():
 # ---------------------------------------------------------------------------
 
 def test_classifier_output_alone_equals_in_padded_batch(tiny_ckpt):
-    from model import GPT, GPTClassifier, add_lora, lora_layers
-    gpt = add_lora(GPT.from_pretrained(tiny_ckpt.path))
+    from checkpoints import load_gpt
+    from model import GPTClassifier, add_lora, lora_layers
+    gpt = add_lora(load_gpt(tiny_ckpt.path))
     for layer in lora_layers(gpt):  # a non-zero update, so the LoRA path is exercised too
         torch.nn.init.normal_(layer.lora_B, std=0.2)
     classifier = GPTClassifier(gpt).eval()

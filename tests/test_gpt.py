@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import model
-from model import GPT, WeightsError, sample_next
+from checkpoints import load_gpt
+from model import WeightsError, sample_next
+from utils import UserError
 
 from conftest import EOT, TINY
 
@@ -41,7 +43,7 @@ def test_tiny_logits_match_transformers(tiny_ckpt, tiny_gpt):
 
 
 def test_gpt2_shape_logits_match_transformers(gpt2_ckpt):
-    gpt = GPT.from_pretrained(gpt2_ckpt.path)
+    gpt = load_gpt(gpt2_ckpt.path)
     cfg = gpt.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (12, 12, 768, 1024, 50257)
     assert gpt.num_params() == sum(p.numel() for p in gpt2_ckpt.hf.transformer.parameters())
@@ -58,7 +60,7 @@ def test_gpt2_shape_logits_match_transformers(gpt2_ckpt):
 
 def test_pytorch_model_bin_loads(tiny_bin_ckpt):
     assert not os.path.exists(os.path.join(tiny_bin_ckpt.path, "model.safetensors"))
-    gpt = GPT.from_pretrained(tiny_bin_ckpt.path)
+    gpt = load_gpt(tiny_bin_ckpt.path)
     idx = rand_ids(20)
     assert (gpt(idx) - hf_logits(tiny_bin_ckpt.hf, idx)).abs().max().item() < 1e-4
 
@@ -105,7 +107,7 @@ def test_greedy_matches_transformers_generate(tiny_ckpt, tiny_gpt):
 
 
 def test_greedy_matches_transformers_generate_gpt2_shape(gpt2_ckpt):
-    gpt = GPT.from_pretrained(gpt2_ckpt.path)
+    gpt = load_gpt(gpt2_ckpt.path)
     idx = rand_ids(5, seed=5)
     assert gpt.generate(idx, 6, greedy=True, stop_token=None).tolist() == hf_greedy(gpt2_ckpt.hf, idx, 6).tolist()
 
@@ -194,7 +196,7 @@ def test_long_prompt_past_window_sampling_cache_equals_no_cache(tiny_gpt):
 
 @pytest.mark.parametrize("greedy", [True, False])
 def test_stops_at_the_stop_token(eot_ckpt, greedy):
-    gpt = GPT.from_pretrained(eot_ckpt.path)
+    gpt = load_gpt(eot_ckpt.path)
     idx = rand_ids(5, batch=2, seed=19)
     # the reference agrees that EOT is what comes next
     assert (hf_logits(eot_ckpt.hf, idx)[:, -1].argmax(-1) == EOT).all()
@@ -324,7 +326,7 @@ def _copy_with_config(ckpt_dir, dest, **changes):
 def test_mismatched_weights_raise_weights_error(tiny_ckpt, tmp_path, changes, pattern):
     bad = _copy_with_config(tiny_ckpt.path, tmp_path / "bad", **changes)
     with pytest.raises(WeightsError, match=pattern) as info:
-        GPT.from_pretrained(bad)
+        load_gpt(bad)
     assert "model.safetensors" in str(info.value)  # names the file
     assert "\n" not in str(info.value)
 
@@ -333,30 +335,30 @@ def test_weights_with_more_layers_than_config_raise(tiny_ckpt, tmp_path):
     bad = _copy_with_config(tiny_ckpt.path, tmp_path / "bad", n_layer=1)
     with pytest.raises(WeightsError, match=r"does not match its config\.json: it has \d+ tensors the config does "
                                            r"not describe \(first: h\.1\."):
-        GPT.from_pretrained(bad)
+        load_gpt(bad)
 
 
 def test_n_embd_not_divisible_by_n_head(tiny_ckpt, tmp_path):
     bad = _copy_with_config(tiny_ckpt.path, tmp_path / "bad", n_head=5)
     with pytest.raises(WeightsError, match="not divisible by n_head 5"):
-        GPT.from_pretrained(bad)
+        load_gpt(bad)
 
 
 def test_dir_without_weights(tmp_path, tiny_ckpt):
     shutil.copy(os.path.join(tiny_ckpt.path, "config.json"), tmp_path)
     with pytest.raises(WeightsError, match="neither model.safetensors nor pytorch_model.bin"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt(str(tmp_path))
 
 
 def test_dir_without_config(tmp_path, tiny_ckpt):
     shutil.copy(os.path.join(tiny_ckpt.path, "model.safetensors"), tmp_path)
     with pytest.raises(WeightsError, match="has no config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt(str(tmp_path))
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
-        GPT.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
+    with pytest.raises(UserError, match="weights directory .*dir does not exist"):
+        load_gpt(str(tmp_path / "no" / "such" / "dir"))
 
 
 @pytest.mark.parametrize("content", [b"this is not a safetensors file", b"", "half"])
@@ -368,7 +370,7 @@ def test_corrupt_safetensors(tmp_path, tiny_ckpt, content):
         content = data[:len(data) // 2]
     (tmp_path / "model.safetensors").write_bytes(content)
     with pytest.raises(WeightsError, match=r"cannot read weights .*model\.safetensors") as info:
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt(str(tmp_path))
     assert "\n" not in str(info.value)
 
 
@@ -376,7 +378,7 @@ def test_corrupt_pytorch_model_bin(tmp_path, tiny_ckpt):
     shutil.copy(os.path.join(tiny_ckpt.path, "config.json"), tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
     with pytest.raises(WeightsError, match=r"cannot read weights .*pytorch_model\.bin"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt(str(tmp_path))
 
 
 @pytest.mark.parametrize("config_text,pattern", [("{not json", "cannot read"),
@@ -385,4 +387,4 @@ def test_bad_config_json(tmp_path, tiny_ckpt, config_text, pattern):
     shutil.copy(os.path.join(tiny_ckpt.path, "model.safetensors"), tmp_path)
     (tmp_path / "config.json").write_text(config_text)
     with pytest.raises(WeightsError, match=pattern):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt(str(tmp_path))

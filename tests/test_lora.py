@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import EOT, TINY
-from checkpoints import save_lora_adapter
+from checkpoints import load_gpt, save_lora_adapter
 from model import (GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, Linear, LoRAConfig, LoRALinear, add_lora,
                    lora_layers, set_trainable)
 from train_utils import TrainConfig, fit
@@ -20,7 +20,7 @@ SENTENCES = ["The cat sat on the mat.", "Colorless green ideas sleep furiously t
 
 
 def fresh_classifier(path, targets=LORA_TARGETS, rank=4, alpha=8.0, train_layernorm=False):
-    gpt = add_lora(GPT.from_pretrained(path), targets, rank, alpha)
+    gpt = add_lora(load_gpt(path), targets, rank, alpha)
     classifier = GPTClassifier(gpt)
     set_trainable(classifier, train_layernorm)
     return classifier.eval()
@@ -80,7 +80,7 @@ def test_lora_linear_rejects_bad_rank_or_alpha(rank, alpha):
 
 
 def test_add_lora_rejects_unknown_targets(tiny_ckpt):
-    gpt = GPT.from_pretrained(tiny_ckpt.path)
+    gpt = load_gpt(tiny_ckpt.path)
     for targets in (["c_attn", "foo"], [], ["c_proj"]):
         with pytest.raises(ValueError, match="unknown LoRA target"):
             add_lora(gpt, targets)
@@ -88,7 +88,7 @@ def test_add_lora_rejects_unknown_targets(tiny_ckpt):
 
 @pytest.mark.parametrize("targets", [LORA_TARGETS, ("c_attn",), ("attn.c_proj", "mlp.c_proj")])
 def test_add_lora_wraps_exactly_the_targets(tiny_ckpt, targets):
-    gpt = add_lora(GPT.from_pretrained(tiny_ckpt.path), targets)
+    gpt = add_lora(load_gpt(tiny_ckpt.path), targets)
     wrapped = sorted(name for name, m in gpt.named_modules() if isinstance(m, LoRALinear))
     paths = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
     assert wrapped == sorted(f"transformer.h.{i}.{paths[t]}" for i in range(TINY["n_layer"]) for t in targets)
@@ -98,7 +98,7 @@ def test_add_lora_wraps_exactly_the_targets(tiny_ckpt, targets):
 
 def test_lora_at_init_equals_the_base_model(tiny_ckpt):
     idx, lengths, _ = padded()
-    gpt = GPT.from_pretrained(tiny_ckpt.path)
+    gpt = load_gpt(tiny_ckpt.path)
     classifier = GPTClassifier(gpt).eval()
     with torch.no_grad():
         logits_before = gpt(idx)
@@ -118,7 +118,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny_ckpt):
     original = {name: p.detach().clone() for name, p in classifier.named_parameters()}
     randomize(classifier)
     with torch.no_grad():
-        base_only = GPTClassifier(GPT.from_pretrained(tiny_ckpt.path))
+        base_only = GPTClassifier(load_gpt(tiny_ckpt.path))
         base_only.score.weight.copy_(classifier.score.weight)
         unmerged = classifier(idx, lengths)
         assert (unmerged - base_only(idx, lengths)).abs().max() > 1e-2  # the adapters do change the output

@@ -159,8 +159,8 @@ def test_lora_run_metrics_schema(full_run, tiny_ckpt):
     assert metrics["mode"] == "LoRA"
     assert metrics["args"]["data_dir"] == cola_dir() and metrics["args"]["epochs"] == 1
     assert metrics["args"]["weights"] == tiny_ckpt.path
-    from model import GPT
-    base = GPT.from_pretrained(tiny_ckpt.path).num_params()
+    from checkpoints import load_gpt
+    base = load_gpt(tiny_ckpt.path).num_params()
     trainable = 8_320  # 2 layers * 4 * (256 + 128 + 320 + 320) + head 2 * 64
     assert metrics["params"] == {"total": base + trainable, "trainable": trainable}
     assert len(metrics["epochs"]) == 1
