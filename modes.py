@@ -197,11 +197,14 @@ def train(mode, task: Task, run: RunConfig, cfg: TrainConfig, device):
         return record
     if not run.keep_resume_state:  # only an interrupted run needs it; it is the bulk of a run's bytes
         os.remove(run.state_path)
-    plot_path = os.path.join(run.plots, f"{mode}_{os.path.basename(os.path.normpath(run.out_dir))}.png")
-    plot_history(record, plot_path, f"{mode} in {run.out_dir}: {len(history)} epochs, seed {record['environment']['seed']}")
+    wrote = run.metrics_path
+    if run.plot:
+        plot_path = os.path.join(run.plots, f"{mode}_{os.path.basename(os.path.normpath(run.out_dir))}.png")
+        plot_history(record, plot_path, f"{mode} in {run.out_dir}: {len(history)} epochs, "
+                                        f"seed {record['environment']['seed']}")
+        wrote += f" and {plot_path}"
     best = record["epochs"][record["best_epoch"] - 1]
-    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
-         f"wrote {run.metrics_path} and {plot_path}")
+    info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; wrote {wrote}")
     return record
 
 

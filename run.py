@@ -23,8 +23,8 @@ from utils import (DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserErro
                    lock_dir, print_samples, resolve_device, seed_everything)
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
-RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "tune", "tuning_dir",
-               "compile", "overwrite", "keep_resume_state", "log_dir")
+RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "no_plots", "tune",
+               "tuning_dir", "compile", "overwrite", "keep_resume_state", "log_dir")
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
 ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None,
@@ -182,6 +182,8 @@ def add_training(p, out_dir):
                    help=f"validation set (default {DataConfig.val_split})")
     p.add_argument("--out-dir", default=out_dir, help=f"where metrics and weights go (default {out_dir})")
     p.add_argument("--plots-dir", default=None, help="where the PNG plots go (default OUT/plots)")
+    p.add_argument("--no-plots", action="store_true",
+                   help="draw no plot of the run (metrics.json holds every number it shows)")
     p.add_argument("--epochs", type=int, default=TRAIN.epochs, help=f"default {TRAIN.epochs}")
     p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help=f"default {TRAIN.batch_size}")
     p.add_argument("--lr", type=float, default=TRAIN.lr, help=f"peak learning rate (default {TRAIN.lr:g})")
@@ -374,7 +376,8 @@ def settings_of(args):
 
 def run_config(args):
     settings = settings_of(args)
-    return RunConfig(out_dir=args.out_dir, plots_dir=args.plots_dir, resume=args.resume, overwrite=args.overwrite,
+    return RunConfig(out_dir=args.out_dir, plots_dir=args.plots_dir, plot=not args.no_plots, resume=args.resume,
+                     overwrite=args.overwrite,
                      stop_after=args.stop_after, compile=args.compile, keep_resume_state=args.keep_resume_state,
                      progress=not args.no_progress, log_dir=args.log_dir, settings=settings,
                      signature={"mode": args.mode, **{k: v for k, v in settings.items() if k not in RUN_CONTROL}},
@@ -510,7 +513,7 @@ def settings_from_the_run(args, parser, argv):
     saved = read_metrics(args.out_dir).get("args") or {}
     given = given_flags(parser, args.mode, argv)
     for name, value in saved.items():
-        restored = name not in RUN_CONTROL or name in ("plots_dir", "log_dir")  # the run's outputs stay together
+        restored = name not in RUN_CONTROL or name in ("plots_dir", "no_plots", "log_dir")  # its outputs stay as they were
         if restored and name not in given and hasattr(args, name):
             setattr(args, name, value)
 

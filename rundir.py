@@ -23,6 +23,7 @@ class RunConfig:
     """How a run is driven and where it writes; none of it changes what is computed."""
     out_dir: str
     plots_dir: str = None          # default OUT/plots
+    plot: bool = True              # draw the run's plot when it ends
     resume: bool = False           # continue from OUT/resume_state.pt
     overwrite: bool = False        # replace the run already in out_dir
     stop_after: int = None         # end after this many epochs of this call, resumable
@@ -171,7 +172,9 @@ def pyplot():
 
 
 def save_figure(plt, fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    # a constrained layout already fits every label; "tight" would draw the figure a second time
+    tight = None if fig.get_layout_engine() else "tight"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches=tight))
     plt.close(fig)
 
 

@@ -81,9 +81,11 @@ def assert_error(code, out, err, *fragments, only_line=True):
     return lines[-1]
 
 
-def common(tmp):
-    """--plots-dir into tmp and no progress bars: every training run passes these."""
-    return ["--plots-dir", os.path.join(str(tmp), "plots"), "--no-progress"]
+def common(tmp, plots=False):
+    """No progress bars, and no plot unless the test reads it (into tmp/plots):
+    every training run passes these. A plot takes longer to draw than a test's
+    run on the CoLA subset; the tests that read one ask for it."""
+    return ["--plots-dir", os.path.join(str(tmp), "plots"), "--no-progress", *([] if plots else ["--no-plots"])]
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +123,7 @@ def lora_full_run(tmp_path_factory, weights):
         data = cola_dir()
         tmp = tmp_path_factory.mktemp("lora_full")
         out = os.path.join(str(tmp), "LoRA")
-        run_ok("LoRA", "--weights", weights, "--data-dir", data, "--epochs", 1, "--out-dir", out, *common(tmp))
+        run_ok("LoRA", "--weights", weights, "--data-dir", data, "--epochs", 1, "--out-dir", out,
+               *common(tmp, plots=True))
         return out, os.path.join(str(tmp), "plots")
     return once(("lora_full", weights), make)

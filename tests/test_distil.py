@@ -202,10 +202,10 @@ def teacher(tmp_path_factory, tmp_path, tiny_ckpt):
     return shutil.copytree(shared, tmp_path / "teacher", ignore=shutil.ignore_patterns("teacher_logits"))
 
 
-def distil_args(data, teacher, out, tmp_path, *extra):
+def distil_args(data, teacher, out, tmp_path, *extra, plots=False):
     """distil on the training sentences alone (--augment 0): test_teacher.py covers augmentation."""
     return ["distil", *STUDENT, "--data-dir", data, "--teacher", teacher, "--out-dir", out, "--augment", "0",
-            *common(tmp_path), *extra]
+            *common(tmp_path, plots), *extra]
 
 
 def read_metrics(out):
@@ -297,7 +297,7 @@ def test_distil_with_alpha_zero_reproduces_rnn_for_every_student(data, teacher, 
 def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     out = tmp_path / "distil"
     code, _, err = cli(capsys, *distil_args(data, teacher, out, tmp_path, "--kd-alpha", "0.5",
-                                            "--kd-temperature", "2", "--rnn-type", "gru"))
+                                            "--kd-temperature", "2", "--rnn-type", "gru", plots=True))
     assert code == 0, err
     metrics = read_metrics(out)
     assert {"mode", "args", "params", "epochs", "best_epoch", "teacher", "distillation"} <= set(metrics)

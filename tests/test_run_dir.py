@@ -8,17 +8,25 @@ from cola import STUDENT, assert_error, cli, subset_dir
 from utils import lock_dir
 
 
-def rnn_argv(tmp_path_factory, out, *extra):
+def rnn_argv(tmp_path_factory, out, *extra, plots=False):
     return ["rnn", *STUDENT, "--epochs", "1", "--data-dir", subset_dir(tmp_path_factory), "--no-progress",
-            "--out-dir", out, *extra]
+            "--out-dir", out, *([] if plots else ["--no-plots"]), *extra]
 
 
 def test_a_finished_run_keeps_its_plot_and_drops_its_resume_state(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "run"
-    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out))
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, out, plots=True))
     assert code == 0, err
     assert sorted(os.listdir(out)) == ["metrics.json", "plots", "student.json", "student.safetensors"]
     assert os.listdir(out / "plots") == ["rnn_run.png"]
+    assert f"wrote {out / 'metrics.json'} and {out / 'plots' / 'rnn_run.png'}" in err
+    # --no-plots: the same run, no plot, and the closing line says so; it resumes as it started
+    code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "bare", "--epochs", "2", "--stop-after", 1))
+    assert code == 0, err
+    code, _, err = cli(capsys, "rnn", "--resume", "--out-dir", tmp_path / "bare")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "bare")) == ["metrics.json", "student.json", "student.safetensors"]
+    assert err.rstrip().endswith(f"wrote {tmp_path / 'bare' / 'metrics.json'}")
     code, _, err = cli(capsys, *rnn_argv(tmp_path_factory, tmp_path / "kept", "--keep-resume-state"))
     assert code == 0, err
     assert os.path.isfile(tmp_path / "kept" / "resume_state.pt")
