@@ -133,15 +133,21 @@ def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, 
     assert_same_run(out, str(tmp_path / "straight"))
 
 
-def torchrun(argv, tmp_path):
-    """run.py ARGV under torchrun as 2 gloo processes on the CPU; returns their stderr."""
+def torchrun(argv, cwd):
+    """run.py ARGV started under torchrun as 2 gloo processes on the CPU (in cwd, each
+    its own); torchrun_stderr waits for it."""
     # hide any GPU so that no rank reaches for cuda:1 on a one-GPU machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(PROJECT_ROOT, "run.py"), *map(str, argv)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stderr
+    os.makedirs(cwd, exist_ok=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(cwd))
+
+
+def torchrun_stderr(process):
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return err
 
 
 def assert_same_run_up_to_rounding(one, two):
@@ -171,7 +177,8 @@ def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_c
     to rounding. distil (the RNN student trained in full, as rnn is) resumes under 2
     processes a run stopped after epoch 1, with an empty teacher cache: rank 0 runs the
     teacher while rank 1 waits, and neither may wait for the other inside the teacher's
-    run. LoRA, one short epoch from the start: DDP over a frozen base with adapters."""
+    run. LoRA, one short epoch from the start: DDP over a frozen base with adapters. The
+    two torchruns run side by side: most of their time is starting processes."""
     # float32: "up to rounding" is float32's; bf16 autocast (auto on a CPU with AMX) rounds
     # coarsely enough to flip a training prediction between one process and two
     distil = [*mode_argv("distil", tmp_path_factory, tiny_ckpt), "--epochs", "2", "--dtype", "float32",
@@ -183,7 +190,12 @@ def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_c
     # epoch 1 in one process; epoch 2 resumed in two, with the teacher cache emptied in between
     run_ok(*distil, "--teacher-cache", cache, "--out-dir", two, "--stop-after", "1")
     shutil.rmtree(cache)
-    err = torchrun([*distil, "--teacher-cache", cache, "--out-dir", two, "--resume", "--keep-resume-state"], tmp_path)
+    lora = [*mode_argv("LoRA", tmp_path_factory, tiny_ckpt), "--epochs", "1", "--dtype", "float32", *common(tmp_path)]
+    run_ok(*lora, "--out-dir", tmp_path / "lora_one")
+    distil_two = torchrun([*distil, "--teacher-cache", cache, "--out-dir", two, "--resume", "--keep-resume-state"],
+                          tmp_path / "distil_cwd")
+    lora_two = torchrun([*lora, "--out-dir", tmp_path / "lora_two"], tmp_path / "lora_cwd")
+    err = torchrun_stderr(distil_two)
     # rank 0 only: the training, validation and synthetic sentences (distil's default --augment)
     assert err.count("running the teacher") == 3 and len(os.listdir(cache)) == 3
     # only rank 0 spoke
@@ -191,9 +203,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_c
     assert "epoch 1/2:" not in err
     assert_same_run_up_to_rounding(one, two)
 
-    lora = [*mode_argv("LoRA", tmp_path_factory, tiny_ckpt), "--epochs", "1", "--dtype", "float32", *common(tmp_path)]
-    run_ok(*lora, "--out-dir", tmp_path / "lora_one")
-    err = torchrun([*lora, "--out-dir", tmp_path / "lora_two"], tmp_path)
+    err = torchrun_stderr(lora_two)
     assert err.count("epoch 1/1:") == 1
     assert_same_run_up_to_rounding(str(tmp_path / "lora_one"), str(tmp_path / "lora_two"))
 
