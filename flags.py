@@ -17,6 +17,13 @@ class Parser(argparse.ArgumentParser):
     a misspelt mode or flag, and accepts every --dashed-flag also as
     --underscored_flag (e.g. --gpt_variant) without listing it twice in --help."""
 
+    def number(self, flag, default, what=""):
+        """A flag of default's type (int or float) whose help ends with the default,
+        which comes from the config dataclass that owns it."""
+        shown = f"default {default:g}"
+        return self.add_argument(flag, type=type(default), default=default,
+                                 help=f"{what} ({shown})" if what else shown)
+
     def parse_known_args(self, args=None, namespace=None):
         if args is not None:
             args = [dashed(a) for a in args]

@@ -89,11 +89,9 @@ def build_parser():
     lora = modes_.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
     add_gpt_source(lora)
     add_training(lora, out_dir="runs/LoRA")
-    lora.add_argument("--lora-rank", type=int, default=LORA.rank, help=f"rank r of the adapters (default {LORA.rank})")
-    lora.add_argument("--lora-alpha", type=float, default=LORA.alpha,
-                      help=f"scaling numerator: update * alpha/r (default {LORA.alpha:g})")
-    lora.add_argument("--lora-dropout", type=float, default=LORA.dropout,
-                      help=f"dropout on the adapters' input (default {LORA.dropout:g})")
+    lora.number("--lora-rank", LORA.rank, "rank r of the adapters")
+    lora.number("--lora-alpha", LORA.alpha, "scaling numerator: update * alpha/r")
+    lora.number("--lora-dropout", LORA.dropout, "dropout on the adapters' input")
     lora.add_argument("--lora-targets", default=",".join(LORA.targets),
                       help=f"comma list of layers to adapt in every block (default {','.join(LORA.targets)})")
     lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
@@ -120,10 +118,8 @@ def build_parser():
             p.add_argument("--kd-alpha-real", type=float, default=DISTIL.alpha_real, metavar="A",
                            help="the teacher term's weight on the real training sentences, which the teacher has "
                                 "nearly memorised (default: --kd-alpha's); synthetic ones keep --kd-alpha")
-            p.add_argument("--kd-temperature", type=float, default=DISTIL.temperature,
-                           help=f"softmax temperature T of --kd-loss kl (default {DISTIL.temperature:g})")
-            p.add_argument("--kd-alpha", type=float, default=DISTIL.alpha,
-                           help=f"weight of the teacher term; 0 = labels only, i.e. rnn (default {DISTIL.alpha:g})")
+            p.number("--kd-temperature", DISTIL.temperature, "softmax temperature T of --kd-loss kl")
+            p.number("--kd-alpha", DISTIL.alpha, "weight of the teacher term; 0 = labels only, i.e. rnn")
             p.add_argument("--kd-loss", choices=("kl", "mse"), default=DISTIL.loss,
                            help=f"kl on softened probabilities (Hinton) or mse on logits (Tang) "
                                 f"(default {DISTIL.loss})")
@@ -131,14 +127,10 @@ def build_parser():
                            help=f"N synthetic sentences per training sentence, labelled by the teacher "
                                 f"(Tang et al. 2019); 0 = the training sentences only (default {AUGMENT.copies}; "
                                 f"0 with --teacher-logits)")
-            p.add_argument("--mask-prob", type=float, default=AUGMENT.mask_prob,
-                           help=f"augment: mask a word (default {AUGMENT.mask_prob:g})")
-            p.add_argument("--swap-prob", type=float, default=AUGMENT.swap_prob,
-                           help=f"augment: swap a word for one of the same kind (default {AUGMENT.swap_prob:g})")
-            p.add_argument("--ngram-prob", type=float, default=AUGMENT.ngram_prob,
-                           help=f"augment: keep only an n-gram of the sentence (default {AUGMENT.ngram_prob:g})")
-            p.add_argument("--max-ngram", type=int, default=AUGMENT.max_ngram,
-                           help=f"augment: longest n-gram kept (default {AUGMENT.max_ngram})")
+            p.number("--mask-prob", AUGMENT.mask_prob, "augment: mask a word")
+            p.number("--swap-prob", AUGMENT.swap_prob, "augment: swap a word for one of the same kind")
+            p.number("--ngram-prob", AUGMENT.ngram_prob, "augment: keep only an n-gram of the sentence")
+            p.number("--max-ngram", AUGMENT.max_ngram, "augment: longest n-gram kept")
             p.add_argument("--teacher-cache", metavar="DIR",
                            help="where the teacher's logits are cached (default TEACHER/teacher_logits, or "
                                 "~/.cache/gpt2-lora-distil/ for a read-only teacher)")
@@ -184,16 +176,13 @@ def add_training(p, out_dir):
     p.add_argument("--plots-dir", default=None, help="where the PNG plots go (default OUT/plots)")
     p.add_argument("--no-plots", action="store_true",
                    help="draw no plot of the run (metrics.json holds every number it shows)")
-    p.add_argument("--epochs", type=int, default=TRAIN.epochs, help=f"default {TRAIN.epochs}")
-    p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help=f"default {TRAIN.batch_size}")
-    p.add_argument("--lr", type=float, default=TRAIN.lr, help=f"peak learning rate (default {TRAIN.lr:g})")
+    p.number("--epochs", TRAIN.epochs)
+    p.number("--batch-size", TRAIN.batch_size)
+    p.number("--lr", TRAIN.lr, "peak learning rate")
     p.add_argument("--optimizer", choices=("adam", "adamw"), default=TRAIN.optimizer, help=f"default {TRAIN.optimizer}")
-    p.add_argument("--weight-decay", type=float, default=TRAIN.weight_decay,
-                   help=f"adamw's decoupled weight decay (default {TRAIN.weight_decay:g})")
-    p.add_argument("--warmup-ratio", type=float, default=TRAIN.warmup_ratio,
-                   help=f"share of steps warming up (default {TRAIN.warmup_ratio:g})")
-    p.add_argument("--grad-clip", type=float, default=TRAIN.grad_clip,
-                   help=f"max gradient norm, 0 = off (default {TRAIN.grad_clip:g})")
+    p.number("--weight-decay", TRAIN.weight_decay, "adamw's decoupled weight decay")
+    p.number("--warmup-ratio", TRAIN.warmup_ratio, "share of steps warming up")
+    p.number("--grad-clip", TRAIN.grad_clip, "max gradient norm, 0 = off")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-dir", metavar="DIR", help="write every step's loss and learning rate and every epoch's "
                                                     "metrics to DIR: CSV files, and TensorBoard's when tensorboard "
@@ -218,17 +207,13 @@ def add_training(p, out_dir):
 def add_student(p):
     p.add_argument("--rnn-type", choices=("rnn", "gru", "lstm"), default=STUDENT.rnn_type,
                    help=f"default {STUDENT.rnn_type} (rnn: ReLU)")
-    p.add_argument("--rnn-layers", type=int, default=STUDENT.n_layers, help=f"default {STUDENT.n_layers}")
-    p.add_argument("--rnn-hidden", type=int, default=STUDENT.hidden, help=f"default {STUDENT.hidden}")
-    p.add_argument("--rnn-embd", type=int, default=STUDENT.n_embd,
-                   help=f"token embedding size (default {STUDENT.n_embd})")
+    p.number("--rnn-layers", STUDENT.n_layers)
+    p.number("--rnn-hidden", STUDENT.hidden)
+    p.number("--rnn-embd", STUDENT.n_embd, "token embedding size")
     p.add_argument("--bidirectional", action="store_true", default=STUDENT.bidirectional)
-    p.add_argument("--rnn-dropout", type=float, default=STUDENT.dropout,
-                   help=f"dropout between RNN layers (default {STUDENT.dropout:g})")
-    p.add_argument("--embd-dropout", type=float, default=STUDENT.embd_dropout,
-                   help=f"dropout on the token embeddings (default {STUDENT.embd_dropout:g})")
-    p.add_argument("--head-dropout", type=float, default=STUDENT.head_dropout,
-                   help=f"dropout on the sentence's features, before the classifier (default {STUDENT.head_dropout:g})")
+    p.number("--rnn-dropout", STUDENT.dropout, "dropout between RNN layers")
+    p.number("--embd-dropout", STUDENT.embd_dropout, "dropout on the token embeddings")
+    p.number("--head-dropout", STUDENT.head_dropout, "dropout on the sentence's features, before the classifier")
     p.add_argument("--pool", choices=POOLS, default=STUDENT.pool,
                    help="the sentence's features: last = the final states (both directions' with --bidirectional); "
                         "max or mean = the top layer's outputs pooled over the real tokens "
