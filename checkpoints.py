@@ -228,6 +228,7 @@ def save_student(student, out_dir, tokenizer=GPT2_TOKENS, extra=None):
 
 
 def load_student(out_dir):
+    """(student, its tokenizer) of an rnn/distil run directory."""
     settings = read_json(os.path.join(out_dir, "student.json"), "an rnn/distil run directory")
     try:
         student = DistilRNN(RNNConfig.from_dict(settings["config"]))
@@ -235,13 +236,12 @@ def load_student(out_dir):
         raise CheckpointError(f"{out_dir}/student.json is corrupt ({e})") from None
     tensors = read_tensors(os.path.join(out_dir, "student.safetensors"))
     load_into(student, {n: n for n in student.state_dict()}, tensors, os.path.join(out_dir, "student.safetensors"))
-    return student.eval()
+    return student.eval(), student_tokenizer(out_dir, settings.get("tokenizer", "gpt2"), student.config.vocab_size)
 
 
-def load_student_tokenizer(out_dir, vocab_size):
+def student_tokenizer(out_dir, name, vocab_size):
     """The tokenizer student.json names ("gpt2" when it predates the field), which
     must have exactly the student's vocab_size tokens."""
-    name = read_json(os.path.join(out_dir, "student.json"), "an rnn/distil run directory").get("tokenizer", "gpt2")
     if name == GPT2_TOKENS.name:
         tokenizer = GPT2_TOKENS
     else:
@@ -261,9 +261,11 @@ def load_student_tokenizer(out_dir, vocab_size):
 
 
 def load_classifier(checkpoint, weights=None, merge=False):
-    """A trained classifier from a run directory of any mode (or an adapter dir).
-    merge=True folds LoRA adapters into the base weights: inference at the cost of
-    the plain model. Returns (model, description)."""
+    """A trained classifier from a run directory of any mode (or an adapter dir),
+    with the tokenizer it reads: the student's own (checked against its
+    vocabulary), GPT-2's for LoRA. merge=True folds LoRA adapters into the base
+    weights: inference at the cost of the plain model. Returns (model, tokenizer,
+    description)."""
     if os.path.isfile(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint} is a file; pass the run's directory (its --out-dir)")
     if not os.path.isdir(checkpoint):
@@ -273,16 +275,8 @@ def load_classifier(checkpoint, weights=None, merge=False):
         model, base = load_lora_classifier(adapter_dir, weights)
         if merge:
             merge_lora(model)
-        return model, f"GPT-2 + LoRA ({base}{', merged' if merge else ''})"
+        return model, GPT2_TOKENS, f"GPT-2 + LoRA ({base}{', merged' if merge else ''})"
     if os.path.isfile(os.path.join(checkpoint, "student.json")):
-        return load_student(checkpoint), "DistilRNN"
+        return *load_student(checkpoint), "DistilRNN"
     raise CheckpointError(f"{checkpoint} holds no checkpoint (neither adapter/adapter_config.json from LoRA "
                           "nor student.json from rnn/distil)")
-
-
-def load_tokenizer(checkpoint, model):
-    """The tokenizer the classifier load_classifier gave for checkpoint reads: the
-    student's own (checked against its vocabulary), GPT-2's for LoRA."""
-    if isinstance(model, DistilRNN):
-        return load_student_tokenizer(checkpoint, model.config.vocab_size)
-    return GPT2_TOKENS

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from checkpoints import CheckpointError, load_classifier, load_gpt, load_tokenizer, save_lora_adapter, save_student
+from checkpoints import CheckpointError, load_classifier, load_gpt, save_lora_adapter, save_student
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
 from model import PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
@@ -216,8 +216,7 @@ def predict(checkpoint, sentences, device_name="auto", dtype="auto", weights=Non
     """The probability of "acceptable" for each sentence, by the checkpoint with its
     adapters merged, in length-sorted batches."""
     device = resolve_device(device_name)
-    model, description = load_classifier(checkpoint, weights, merge=True)
-    tokenizer = load_tokenizer(checkpoint, model)
+    model, tokenizer, description = load_classifier(checkpoint, weights, merge=True)
     info(f"classifier: {description}")
     model.to(device)
     batches = TokenizedSplit.of_texts(sentences, model.max_len, tokenizer=tokenizer).batches(batch_size)
@@ -230,8 +229,7 @@ def evaluate_checkpoint(checkpoint, data: DataConfig, output=None, device_name="
     """A checkpoint's loss, accuracy, MCC and confusion on a validation split,
     printed and written as JSON (default CHECKPOINT/eval_<split>.json)."""
     device = resolve_device(device_name)
-    model, description = load_classifier(checkpoint, weights)
-    tokenizer = load_tokenizer(checkpoint, model)
+    model, tokenizer, description = load_classifier(checkpoint, weights)
     model.to(device)
     _, val = load_cola(data.data_dir, data.val_split)
     result = evaluate(model, TokenizedSplit(val, model.max_len, tokenizer=tokenizer).batches(batch_size), device,

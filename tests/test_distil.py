@@ -327,7 +327,7 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     teacher_predictions = torch.from_numpy(np.load(os.path.join(teacher, "teacher_logits", val_cache))).argmax(-1)
     _, val = load_cola(data, "in")
     assert teacher_record["val_acc"] == pytest.approx(accuracy(teacher_predictions, val.labels), abs=1e-9)
-    student = load_student(str(out))
+    student, _ = load_student(str(out))
     result = evaluate(student, TokenizedSplit(val).batches(128), torch.device("cpu"))
     assert result["acc"] == pytest.approx(best["val_acc"], abs=1e-9)
     agreement = accuracy(result["logits"].argmax(-1), teacher_predictions)
@@ -366,7 +366,7 @@ def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, c
     assert train_logits.shape == (SUBSET_ROWS["train"], 2) and train_logits.dtype == np.float32
 
     # the cache holds the teacher's own logits for each training sentence, in file order
-    model, _ = load_classifier(str(teacher))
+    model, _, _ = load_classifier(str(teacher))
     train, _ = load_cola(data, "in")
     with torch.no_grad():
         for row in (0, 1, 150, SUBSET_ROWS["train"] - 1):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoints import load_classifier, load_student, load_tokenizer, save_student
+from checkpoints import load_classifier, load_student, save_student
 from cola import SUBSET_ROWS, STUDENT, assert_error, cli, common, lora_subset_run, subset_dir
 from distil import load_teacher
 from model import DistilRNN, RNNConfig
@@ -105,9 +105,9 @@ def test_a_student_saved_before_these_settings_loads_as_it_ran(tmp_path):
     settings["config"] = {k: v for k, v in settings["config"].items()
                           if k not in ("pool", "mlp_hidden", "embd_channels")}
     (tmp_path / "student.json").write_text(json.dumps(settings))
-    loaded, _ = load_classifier(str(tmp_path))
+    loaded, tokenizer, _ = load_classifier(str(tmp_path))
     assert (loaded.config.pool, loaded.config.mlp_hidden, loaded.config.embd_channels) == ("last", 0, "trained")
-    assert load_tokenizer(str(tmp_path), loaded) is GPT2_TOKENS
+    assert tokenizer is GPT2_TOKENS
     batch = TokenizedSplit.of_texts(["The cat sat."]).make_batch([0])
     with torch.no_grad():
         assert torch.equal(loaded(batch.idx, batch.lengths), model(batch.idx, batch.lengths))
@@ -150,7 +150,7 @@ def test_student_on_the_teachers_tokenizer_predicts_and_evaluates_from_its_check
     code, stdout, err = cli(capsys, "predict", "--checkpoint", out, "--dtype", "float32", *sentences)
     assert code == 0, err
     # the probabilities of the student reading the teacher's tokens (no special ones), by hand
-    model = load_student(str(out))
+    model, _ = load_student(str(out))
     with torch.no_grad():
         for line, sentence in zip(stdout.splitlines(), sentences):
             ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
