@@ -382,8 +382,11 @@ class WordSwapper:
                 if word[0].isalnum():  # punctuation is never swapped
                     for key in self._slots(words, i):
                         slots[key][word.lower()] += 1
-        # sorted once, so sampling depends on the seed only, not on dict order
-        self.choices = {key: (sorted(c), [c[w] for w in sorted(c)]) for key, c in slots.items()}
+        # sorted, so sampling depends on the seed only, not on dict order
+        self.choices = {}
+        for key, counts in slots.items():
+            words = sorted(counts)
+            self.choices[key] = (words, [counts[w] for w in words])
 
     @staticmethod
     def _slots(words, i):
