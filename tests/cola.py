@@ -1,8 +1,7 @@
-"""Helpers shared by test_cli_gen.py, test_data.py, test_distil.py, test_repro.py,
-test_run_dir.py, test_teacher.py, test_train_cli.py and test_tune.py: the real
-CoLA files, small copies of them, in-process CLI calls and training runs that
-several tests reuse (made once per session, whichever module asks first). Not a
-test module: it defines no tests."""
+"""Helpers shared by the test modules that run the command line (those that import
+it: a list here went stale twice): the real CoLA files, small copies of them,
+in-process CLI calls and training runs that several tests reuse (made once per
+session, whichever module asks first). Not a test module: it defines no tests."""
 import itertools
 import os
 
