@@ -1,7 +1,6 @@
 """The flags' own machinery, for run.py: argparse that reports a bad argument in one
-line (with a "did you mean" by meaning, then by spelling), and the checks of a
-flag's value (in_range) and path (check_path) that run.py's validators use before
-any file is read."""
+line (with a "did you mean" by meaning, then by spelling), and the check of a
+path flag (check_path) that run.py's validators use before any file is read."""
 import argparse
 import difflib
 import os
@@ -88,21 +87,6 @@ def seed_value(text):
     if not 0 <= value < 2 ** 32:  # NumPy's seed range
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
-
-
-def in_range(args, interval, *flags):
-    """Raise a UserError unless each flag's value (None: not given) lies in interval,
-    written as in maths: "[0, 1)", "(0, inf)". Comparisons are written so that nan fails."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    for flag in flags:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        above = low <= value if interval[0] == "[" else low < value
-        below = value <= high if interval[-1] == "]" else value < high
-        if not (above and below):
-            bounds = f"in {interval}" if high < float("inf") else f"{'>=' if interval[0] == '[' else '>'} {low:g}"
-            raise UserError(f"{flag} must be {bounds}, got {value}")
 
 
 def check_path(flag, path, kind="dir", exists=False, write=False, what=None):

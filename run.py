@@ -15,7 +15,7 @@ import modes
 import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
-from flags import Parser, check_path, given_flags, in_range, seed_value
+from flags import Parser, check_path, given_flags, seed_value
 from model import EMBD_CHANNELS, POOLS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
 from rundir import RunConfig, claim_out_dir, read_metrics
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
@@ -232,6 +232,24 @@ def add_student(p):
                    help="trained: the embedding learns; frozen: it stays as initialised; both: a frozen and a "
                         "trained copy side by side, the RNN's input twice as wide (Tang et al. 2019) "
                         f"(default {STUDENT.embd_channels})")
+
+
+# --- validation --------------------------------------------------------------
+
+def in_range(args, interval, *flags):
+    """Raise a UserError unless each flag's value (None: not given) lies in interval,
+    written as in maths: "[0, 1)", "(0, inf)". Comparisons are written so that nan fails."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            bounds = f"in {interval}" if high < float("inf") else f"{'>=' if interval[0] == '[' else '>'} {low:g}"
+            raise UserError(f"{flag} must be {bounds}, got {value}")
+
 
 
 # --- gen ---------------------------------------------------------------------
