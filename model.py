@@ -219,7 +219,7 @@ class GPT(nn.Module):
         so no second full copy of the weights is ever allocated."""
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(_hf_to_ours(state, config, source), assign=True)
+        model.load_state_dict(_hf_to_ours(state, model, source), assign=True)
         return model.eval()
 
     def num_params(self):
@@ -305,8 +305,9 @@ def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, g
     return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
 
 
-def _hf_to_ours(state, config, source):
-    """Map a GPT2Model / GPT2LMHeadModel state dict onto our parameter names."""
+def _hf_to_ours(state, model, source):
+    """Map a GPT2Model / GPT2LMHeadModel state dict onto model's parameter names,
+    checked against model's shapes."""
     ours = {}
     for key, tensor in state.items():
         name = key[len("transformer."):] if key.startswith("transformer.") else key
@@ -316,8 +317,7 @@ def _hf_to_ours(state, config, source):
         if name == "wte.weight":
             tensor = tensor.t()  # TiedEmbedding keeps it as (n_embd, vocab)
         ours["transformer." + name] = tensor.float().contiguous()
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     extra = sorted(set(ours) - set(expected))
     if extra:
         raise WeightsError(f"{source} does not match its config.json: it has {len(extra)} tensors the config "
