@@ -11,9 +11,9 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file
 
+from hub import gpt2_directory
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, GPTConfig, LoRAConfig, RNNConfig, WeightsError, add_lora,
                    lora_layers, merge_lora, set_trainable)
-from hub import gpt2_directory
 from utils import GPT2_TOKENS, one_line, save_json, save_tensors, usual_mode
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model

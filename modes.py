@@ -12,11 +12,11 @@ import torch
 
 from checkpoints import CheckpointError, load_classifier, load_gpt, save_lora_adapter, save_student
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
+from hub import HUB_IDS
 from model import PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
 from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
-from hub import HUB_IDS
 from utils import (GPT2_TOKENS, DataConfig, TokenizedSplit, UserError, info,
                    init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
 

@@ -135,7 +135,7 @@ def test_interrupt_keeps_finished_epochs(tmp_path, tmp_path_factory, tiny_ckpt, 
 
 def torchrun(argv, cwd):
     """run.py ARGV started under torchrun as 2 gloo processes on the CPU (in cwd, each
-    its own); torchrun_stderr waits for it."""
+    its own); torchrun_stderr waits for them."""
     # hide any GPU so that no rank reaches for cuda:1 on a one-GPU machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -144,10 +144,13 @@ def torchrun(argv, cwd):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(cwd))
 
 
-def torchrun_stderr(process):
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    return err
+def torchrun_stderr(*processes):
+    """The stderr of each torchrun, once all have ended (none is left running when
+    one of them fails)."""
+    results = [(p.communicate(timeout=300)[1], p.returncode) for p in processes]
+    for err, code in results:
+        assert code == 0, err[-3000:]
+    return [err for err, _ in results]
 
 
 def assert_same_run_up_to_rounding(one, two):
@@ -195,7 +198,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_c
     distil_two = torchrun([*distil, "--teacher-cache", cache, "--out-dir", two, "--resume", "--keep-resume-state"],
                           tmp_path / "distil_cwd")
     lora_two = torchrun([*lora, "--out-dir", tmp_path / "lora_two"], tmp_path / "lora_cwd")
-    err = torchrun_stderr(distil_two)
+    err, lora_err = torchrun_stderr(distil_two, lora_two)
     # rank 0 only: the training, validation and synthetic sentences (distil's default --augment)
     assert err.count("running the teacher") == 3 and len(os.listdir(cache)) == 3
     # only rank 0 spoke
@@ -203,8 +206,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, tmp_path_factory, tiny_c
     assert "epoch 1/2:" not in err
     assert_same_run_up_to_rounding(one, two)
 
-    err = torchrun_stderr(lora_two)
-    assert err.count("epoch 1/1:") == 1
+    assert lora_err.count("epoch 1/1:") == 1
     assert_same_run_up_to_rounding(str(tmp_path / "lora_one"), str(tmp_path / "lora_two"))
 
 
