@@ -17,8 +17,8 @@ from model import PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_
     store_frozen_in_bf16
 from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
-from utils import (GPT2_TOKENS, DataConfig, TokenizedSplit, UserError, info,
-                   init_distributed, is_main_process, load_cola, resolve_device, save_json, seed_everything, world)
+from utils import (GPT2_TOKENS, DataConfig, TokenizedSplit, UserError, info, init_distributed, is_main_process,
+                   keep_freed_memory, load_cola, resolve_device, save_json, seed_everything, world)
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,8 @@ def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, i
     tokenizer, embeddings = student_start(cfg, init_embeddings, gpt, teacher)
     splits = load_data(data, tokenizer=tokenizer)
     model = student(cfg, seed, tokenizer, embeddings).to(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "rnn"}))
 
 
@@ -144,6 +146,8 @@ def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, 
     else:
         targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
     model = student(student_cfg, seed, tokenizer, embeddings).to(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     record = {"teacher": targets.record,
               "distillation": {"alpha": cfg.alpha, "alpha_real": cfg.alpha_real, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,

@@ -2,17 +2,22 @@
 invariance to padding, and `run.py distil` end to end: its equivalence to
 `run.py rnn` at --kd-alpha 0, the teacher-logits cache, --teacher-logits files
 and errors."""
+import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from cola import STUDENT, SUBSET_ROWS, assert_error, cli, common, lora_subset_run, subset_dir
-from model import DistilRNN, RNNConfig
+from cola import PROJECT_ROOT, STUDENT, SUBSET_ROWS, assert_error, cli, common, lora_subset_run, subset_dir
+import model as model_module
+from model import DistilRNN, RNNConfig, packed_relu_rnn, steps_in_python
 from checkpoints import load_classifier, load_student
 from distil import DistilConfig, DistilLoss
 from train_utils import accuracy, distillation_loss, evaluate
@@ -161,6 +166,74 @@ def test_distilrnn_padding_invariance(rnn_type, bidirectional, pool):
         changed = idx.clone()
         changed[2, 0] = (changed[2, 0] + 1) % 99
         assert (model(changed, torch.tensor(lengths))[2] - together[2]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("pool", ["last", "max"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_python_steps_give_the_kernels_numbers_bit_for_bit(autocast, pool, monkeypatch):
+    """DistilRNN's ReLU RNN on CPU runs step by step in Python (packed_relu_rnn) for
+    speed; its outputs, final states and every gradient equal torch's kernel's
+    exactly, in float32 and bf16 autocast, with dropout between layers drawn alike."""
+    config = RNNConfig(vocab_size=100, n_embd=12, hidden=16, n_layers=3, dropout=0.3, pool=pool)
+    torch.manual_seed(0)
+    fast = DistilRNN(config)
+    kernel = copy.deepcopy(fast)
+    kernel.python_steps = False
+    lengths = torch.tensor([5, 1, 9, 3, 9, 7])
+    idx = torch.randint(0, 100, (6, 11))
+    calls = []
+    monkeypatch.setattr(model_module, "packed_relu_rnn", lambda *a: calls.append(1) or packed_relu_rnn(*a))
+    results = []
+    for model in (fast, kernel):
+        torch.manual_seed(1)  # the same dropout masks for both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            packed = nn.utils.rnn.pack_padded_sequence(model.embed(idx), lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            impl = packed_relu_rnn if model is fast else (lambda rnn, p: rnn(p))
+            outputs, h_n = impl(model.rnn, packed)
+            logits = model(idx, lengths)
+        (logits.float().pow(2).sum() + outputs.data.float().sum() + h_n.float().sum()).backward()
+        results.append([outputs.data, h_n, logits] + [p.grad for p in model.parameters()])
+    assert results[0][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert h_n.shape == (3, 6, 16)
+    assert len(calls) == 1  # the fast model's forward went through the Python steps, the other's did not
+    assert not steps_in_python(DistilRNN(RNNConfig(vocab_size=10, n_embd=4, hidden=4, rnn_type="gru")).rnn)
+    assert not steps_in_python(DistilRNN(RNNConfig(vocab_size=10, n_embd=4, hidden=4, bidirectional=True)).rnn)
+
+
+MALLINFO_PROBE = """
+import ctypes, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from utils import keep_freed_memory
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+def where(mb):  # (MiB mapped on their own, MiB of the heap) while a block of mb MiB is alive
+    block = torch.ones(mb << 18)
+    info = libc.mallinfo2()
+    return info.hblkhd >> 20, info.arena >> 20
+before = where(64)
+applied = keep_freed_memory()
+after, again = where(64), where(64)
+print(json.dumps([applied, before, after, again]))
+"""
+
+
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    """rnn and distil on CPU keep freed memory in the process's heap: a large block
+    (the student's embedding gradient, every step) no longer comes mapped afresh from
+    the OS. Checked in a fresh process through glibc's own accounting."""
+    out = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, PROJECT_ROOT], capture_output=True, text=True,
+                         check=True).stdout
+    applied, before, after, again = json.loads(out)
+    assert applied is True
+    assert before[0] >= 64  # glibc's default: a 64 MiB block is mapped on its own
+    assert after[0] < 64 and after[1] >= 64  # now it comes from the heap
+    assert again[1] < after[1] + 64  # and the heap reuses the freed block instead of growing
 
 
 def test_distilrnn_rejects_unknown_type():
