@@ -532,11 +532,10 @@ def packed_relu_rnn(rnn, packed):
     at once, then per step h = relu(h W_hh^T + b_hh + that step's rows), the batch
     shrinking as sentences end. The same products in the same order give the same
     numbers, bit for bit, forward and backward, in float32 and under bf16 autocast
-    (tests/test_model.py). What differs is the backward's bookkeeping: the kernel
+    (tests/test_distil.py). What differs is the backward's bookkeeping: the kernel
     takes each step's rows with narrow, whose gradient is a zero tensor the size of
     the whole packed input, written once per step; split here takes them all at
-    once, and its gradient is one concatenation. A training step of the study's
-    DistilRNN takes about half the time on CPU."""
+    once, and its gradient is one concatenation (bench.py rnn)."""
     sizes = packed.batch_sizes.tolist()
     data, finals = packed.data, []
     for layer in range(rnn.num_layers):
@@ -622,14 +621,16 @@ class DistilRNN(nn.Module):
             embedded = torch.cat([self.static_embedding(idx), embedded], dim=-1)
         return self.embd_dropout(embedded)
 
-    # the ReLU RNN on CPU runs step by step in Python (packed_relu_rnn): the same numbers,
-    # twice as fast to train; False runs torch's kernel (the tests compare the two)
+    # training on CPU, the ReLU RNN runs step by step in Python (packed_relu_rnn): the same
+    # numbers, a faster backward; without gradients torch's kernel is the faster (no backward
+    # to save, no Python per step). False: always the kernel (the tests compare the two)
     python_steps = True
 
     def forward(self, idx, lengths):
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
-        if self.python_steps and packed.data.device.type == "cpu" and steps_in_python(self.rnn):
+        if (self.python_steps and torch.is_grad_enabled() and packed.data.device.type == "cpu"
+                and steps_in_python(self.rnn)):
             outputs, h_n = packed_relu_rnn(self.rnn, packed)
         else:
             outputs, h_n = self.rnn(packed)
