@@ -43,7 +43,7 @@ class DistilConfig:
     alpha_real: float = None       # the teacher's weight on the real training sentences (None: alpha)
     temperature: float = 2.0
     loss: str = "mse"              # mse on logits (Tang; chosen over kl on 5 seeds, README) | kl at T (Hinton)
-    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(copies=3))
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(copies=7))
 
 
 class DistilLoss:

@@ -100,11 +100,20 @@ def student_start(cfg: RNNConfig, init_embeddings="random", gpt: GPTSource = Non
             raise CheckpointError(f"teacher {teacher.directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
                                   f"its input embeddings only {embeddings.size(0)} rows")
         embeddings = embeddings[:tokenizer.vocab_size]  # rows past the tokenizer's (padding) no token reads
-    if cfg.n_embd > embeddings.size(1):
+    if cfg.n_embd is not None and cfg.n_embd > embeddings.size(1):
         raise UserError(f"--rnn-embd {cfg.n_embd} exceeds the {source}'s embedding width {embeddings.size(1)}; "
                         f"--init-embeddings {init_embeddings} can only shrink it: pass --rnn-embd "
                         f"{embeddings.size(1)} or less")
     return tokenizer, embeddings
+
+
+def student_width(cfg: RNNConfig, embeddings=None):
+    """cfg with its embedding width settled: as given, else the starting embeddings'
+    width up to the study's 768 (wider ones are reduced by PCA), else 768."""
+    if cfg.n_embd is not None:
+        return cfg
+    width = RNNConfig.n_embd if embeddings is None else min(embeddings.size(1), RNNConfig.n_embd)
+    return replace(cfg, n_embd=width)
 
 
 def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None):
@@ -118,6 +127,12 @@ def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None):
     return model
 
 
+def student_record(model, init_embeddings):
+    """metrics.json's "student": what the student became (args holds rnn_embd null when left to the default)."""
+    return {"init_embeddings": init_embeddings, "n_embd": model.config.n_embd,
+            "vocab_size": model.config.vocab_size}
+
+
 def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, init_embeddings="random",
         teacher_dir=None):
     """rnn: the DistilRNN trained on the labels alone, the baseline of distil. With
@@ -126,10 +141,11 @@ def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, i
     teacher = load_teacher(teacher_dir, gpt.weights if gpt else None) if init_embeddings == "teacher" else None
     tokenizer, embeddings = student_start(cfg, init_embeddings, gpt, teacher)
     splits = load_data(data, tokenizer=tokenizer)
-    model = student(cfg, seed, tokenizer, embeddings).to(device)
+    model = student(student_width(cfg, embeddings), seed, tokenizer, embeddings).to(device)
     if device.type == "cpu":
         keep_freed_memory()
-    return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "rnn"}))
+    return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "rnn"}),
+                record={"student": student_record(model, init_embeddings)})
 
 
 def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, seed, dtype="auto",
@@ -145,10 +161,10 @@ def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, 
         targets = teacher_from_file(cfg.teacher_logits, train_set)
     else:
         targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
-    model = student(student_cfg, seed, tokenizer, embeddings).to(device)
+    model = student(student_width(student_cfg, embeddings), seed, tokenizer, embeddings).to(device)
     if device.type == "cpu":
         keep_freed_memory()
-    record = {"teacher": targets.record,
+    record = {"student": student_record(model, init_embeddings), "teacher": targets.record,
               "distillation": {"alpha": cfg.alpha, "alpha_real": cfg.alpha_real, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,
                                "swap_prob": cfg.augment.swap_prob, "ngram_prob": cfg.augment.ngram_prob,

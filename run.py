@@ -209,7 +209,9 @@ def add_student(p):
                    help=f"default {STUDENT.rnn_type} (rnn: ReLU)")
     p.number("--rnn-layers", STUDENT.n_layers)
     p.number("--rnn-hidden", STUDENT.hidden)
-    p.number("--rnn-embd", STUDENT.n_embd, "token embedding size")
+    p.add_argument("--rnn-embd", type=int, default=None, metavar="N",
+                   help="token embedding size (default: the width of the embeddings the student starts from, "
+                        f"at most {STUDENT.n_embd}, else {STUDENT.n_embd})")
     p.add_argument("--bidirectional", action="store_true", default=STUDENT.bidirectional)
     p.number("--rnn-dropout", STUDENT.dropout, "dropout between RNN layers")
     p.number("--embd-dropout", STUDENT.embd_dropout, "dropout on the token embeddings")
@@ -223,11 +225,12 @@ def add_student(p):
                         f"0 = none (default {STUDENT.mlp_hidden})")
     p.add_argument("--embd-weight-decay", type=float, default=TRAIN.embd_weight_decay,
                    help="adamw's weight decay on the token embedding (default: --weight-decay's)")
-    p.add_argument("--init-embeddings", choices=("random", "gpt2", "teacher"), default="random",
+    p.add_argument("--init-embeddings", choices=("random", "gpt2", "teacher"), default=None,
                    help="gpt2: start from GPT-2's token embeddings (--weights / --gpt-variant); teacher: read the "
                         "teacher's tokenizer (no special tokens added; saved under OUT/tokenizer/) and start from its "
                         "input embeddings (a LoRA teacher: its base GPT-2's, and GPT-2's tokenizer); both reduced by "
-                        "PCA to --rnn-embd, which must not be wider (default random)")
+                        "PCA to --rnn-embd, which must not be wider (default: teacher when there is a teacher to "
+                        "read, distil's --teacher or rnn's, else random)")
     p.add_argument("--embd-channels", choices=EMBD_CHANNELS, default=STUDENT.embd_channels,
                    help="trained: the embedding learns; frozen: it stays as initialised; both: a frozen and a "
                         "trained copy side by side, the RNN's input twice as wide (Tang et al. 2019) "
@@ -297,6 +300,18 @@ def augment_copies(args):
     return 0 if args.teacher_logits else AUGMENT.copies
 
 
+def init_embeddings(args):
+    """--init-embeddings as given, else its default: the teacher's vectors wherever a
+    teacher is named (distil always has one, its default included, unless it reads
+    --teacher-logits; rnn when given --teacher), random otherwise. Issue #17: MiniLM's
+    vectors with 7 copies kept 82% of the teacher at the cost of the default before."""
+    if args.init_embeddings is not None:
+        return args.init_embeddings
+    if args.mode == "distil":
+        return "random" if args.teacher_logits else "teacher"
+    return "teacher" if args.teacher is not None else "random"
+
+
 def validate_training(args):
     """Check the flags of a training mode: all of them, before any file is read; the
     values and their combinations first, then the paths."""
@@ -342,15 +357,17 @@ def validate_training_flags(args):
         in_range(args, "(0, inf)", "--lora-alpha")
         in_range(args, "[0, 1)", "--lora-dropout")
         return
-    in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden", "--rnn-embd")
+    in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden")
+    if args.rnn_embd is not None:
+        in_range(args, "[1, inf)", "--rnn-embd")
     in_range(args, "[0, 1)", "--rnn-dropout", "--embd-dropout", "--head-dropout")
     in_range(args, "[0, inf)", "--embd-weight-decay", "--rnn-mlp")
-    if args.mode == "rnn" and args.teacher is not None and args.init_embeddings != "teacher":
+    if args.mode == "rnn" and args.teacher is not None and init_embeddings(args) != "teacher":
         raise UserError("rnn reads --teacher only for --init-embeddings teacher (the teacher's tokenizer and "
                         "embeddings; it never runs it): add --init-embeddings teacher or drop --teacher")
     if args.mode != "distil":
         return
-    if args.init_embeddings == "teacher" and args.teacher_logits:
+    if init_embeddings(args) == "teacher" and args.teacher_logits:
         raise UserError("--init-embeddings teacher reads the teacher's tokenizer and embeddings, and --teacher-logits "
                         "gives no teacher to read: pass --teacher DIR, or --init-embeddings random or gpt2")
     in_range(args, "(0, inf)", "--kd-temperature")
@@ -372,6 +389,8 @@ def validate_training_flags(args):
 def settings_of(args):
     """The flags as they ran (metrics.json's "args"), defaults resolved."""
     settings = {k: v for k, v in vars(args).items() if k != "mode"}
+    if args.mode in ("rnn", "distil"):
+        settings["init_embeddings"] = init_embeddings(args)
     if args.mode == "distil":
         settings["augment"] = augment_copies(args)
     return settings
@@ -431,11 +450,11 @@ def train_mode(args, run):
     if args.mode == "LoRA":
         task = modes.lora(gpt, lora_config(args), data, device, args.dtype)
     elif args.mode == "rnn":
-        task = modes.rnn(student_config(args), data, device, args.seed, gpt, args.init_embeddings,
+        task = modes.rnn(student_config(args), data, device, args.seed, gpt, init_embeddings(args),
                          args.teacher or DISTIL.teacher)
     else:
         task = modes.distil(distil_config(args), student_config(args), data, device, args.seed, args.dtype, gpt,
-                            args.init_embeddings, run.progress)
+                            init_embeddings(args), run.progress)
     return modes.train(args.mode, task, run, train_config(args), device)
 
 

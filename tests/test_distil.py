@@ -221,7 +221,8 @@ def where(mb):  # (MiB mapped on their own, MiB of the heap) while a block of mb
     return info.hblkhd >> 20, info.arena >> 20
 before = where(64)
 applied = keep_freed_memory()
-after, again = where(64), where(64)
+after = where(64)
+again = [where(64)[1] for _ in range(40)]  # the heap's size over 40 more blocks, each freed in turn
 print(json.dumps([applied, before, after, again]))
 """
 
@@ -236,7 +237,9 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     assert applied is True
     assert before[0] >= 64  # glibc's default: a 64 MiB block is mapped on its own
     assert after[0] < 64 and after[1] >= 64  # now it comes from the heap
-    assert again[1] < after[1] + 64  # and the heap reuses the freed block instead of growing
+    # and the heap reuses freed blocks: it may grow by a few blocks' worth at first (a freed block
+    # can be a few bytes short of the next one's aligned request), then no more
+    assert len(set(again[20:])) == 1 and again[-1] <= after[1] + 10 * 64, again
 
 
 def test_distilrnn_rejects_unknown_type():
@@ -301,7 +304,9 @@ def student_tensors(out):
 
 def test_distil_with_alpha_zero_reproduces_rnn(data, teacher, tmp_path, capsys):
     runs = tmp_path / "runs"
-    code, _, err = cli(capsys, "rnn", *STUDENT, "--data-dir", data, "--out-dir", runs / "rnn", *common(tmp_path))
+    # the same default student on both sides: named a teacher, both start from its vectors
+    code, _, err = cli(capsys, "rnn", *STUDENT, "--teacher", teacher, "--data-dir", data, "--out-dir", runs / "rnn",
+                       *common(tmp_path))
     assert code == 0, err
     code, _, err = cli(capsys, *distil_args(data, teacher, runs / "distil", tmp_path, "--kd-alpha", "0"))
     assert code == 0, err
@@ -311,6 +316,8 @@ def test_distil_with_alpha_zero_reproduces_rnn(data, teacher, tmp_path, capsys):
     for r, d in zip(rnn["epochs"], distil["epochs"]):
         assert {k: v for k, v in r.items() if k != "seconds"} == {k: d[k] for k in r if k != "seconds"}
     assert rnn["best_epoch"] == distil["best_epoch"] and rnn["params"] == distil["params"]
+    assert rnn["args"]["init_embeddings"] == distil["args"]["init_embeddings"] == "teacher"
+    assert rnn["student"] == distil["student"] == {"init_embeddings": "teacher", "n_embd": 16, "vocab_size": 50257}
     a, b = student_tensors(runs / "rnn"), student_tensors(runs / "distil")
     assert a.keys() == b.keys()
     for key in a:
@@ -351,7 +358,7 @@ def test_distil_with_alpha_zero_reproduces_rnn_for_every_student(data, teacher, 
     hf = student_flags[-1] == "hf"
     if hf:
         teacher, student_flags = shutil.copytree(tiny_bert, tmp_path / "bert"), student_flags[:-1]
-    given_teacher = ["--teacher", teacher] if "teacher" in student_flags else []
+    given_teacher = ["--teacher", teacher]  # named, the teacher's vectors are both sides' default
     runs = tmp_path / "runs"
     code, _, err = cli(capsys, "rnn", *STUDENT, *student_flags, *given_teacher, "--data-dir", data,
                        "--out-dir", runs / "rnn", *common(tmp_path))

@@ -15,7 +15,8 @@ from checkpoints import load_classifier, load_student, save_student
 from cola import SUBSET_ROWS, STUDENT, assert_error, cli, common, lora_subset_run, subset_dir
 from distil import load_teacher
 from model import DistilRNN, RNNConfig
-from modes import student, student_start
+from run import build_parser, init_embeddings
+from modes import student, student_start, student_width
 from train_utils import TrainConfig, make_training, train_epoch
 from utils import GPT2_TOKENS, Split, TokenizedSplit
 
@@ -235,11 +236,51 @@ def test_the_student_reads_masked_words_as_its_tokenizers_mask(tiny_bert, tmp_pa
 
 # ---------------------------------------------------------------------------
 # Bad input: one line, before any data is read (--data-dir points nowhere)
+@pytest.mark.parametrize("argv,expected", [
+    (["distil"], "teacher"),                                   # distil's default teacher counts
+    (["distil", "--teacher", "t"], "teacher"),
+    (["distil", "--teacher-logits", "x.npy"], "random"),       # no teacher to read
+    (["distil", "--teacher", "t", "--init-embeddings", "random"], "random"),
+    (["rnn"], "random"),
+    (["rnn", "--teacher", "t"], "teacher"),                   # rnn reads a teacher only for this
+    (["rnn", "--init-embeddings", "gpt2"], "gpt2"),
+])
+def test_the_student_starts_from_the_teachers_vectors_wherever_one_is_named(argv, expected):
+    args = build_parser().parse_args(argv)
+    assert init_embeddings(args) == expected
+    assert args.rnn_embd is None  # the width follows the vectors (student_width)
+
+
+def test_the_default_width_follows_the_starting_vectors():
+    auto = RNNConfig(n_embd=None)
+    assert student_width(auto, torch.zeros(10, 384)).n_embd == 384    # MiniLM's
+    assert student_width(auto, torch.zeros(10, 1024)).n_embd == 768   # wider ones reduced to the study's 768
+    assert student_width(auto).n_embd == 768                           # random vectors
+    assert student_width(RNNConfig(n_embd=16), torch.zeros(10, 384)).n_embd == 16  # as given
+
+
+def test_distils_defaults_read_the_teachers_vectors_at_its_width_with_7_copies(tiny_bert, tmp_path, tmp_path_factory,
+                                                                               capsys):
+    """distil with no student or augmentation flags, a Hugging Face teacher: its
+    tokenizer, its vectors at their width (the tiny BERT's 32), 7 synthetic copies."""
+    teacher = shutil.copytree(tiny_bert, tmp_path / "bert")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "distil", "--teacher", teacher, "--rnn-hidden", "8", "--epochs", "1",
+                       "--data-dir", subset_dir(tmp_path_factory), "--out-dir", out, *common(tmp_path))
+    assert code == 0, err
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["args"]["init_embeddings"] == "teacher" and metrics["args"]["rnn_embd"] is None
+    assert metrics["student"]["n_embd"] == 32 and metrics["student"]["init_embeddings"] == "teacher"
+    assert metrics["distillation"]["augment"] == 7
+    assert f"transfer set: {SUBSET_ROWS['train']} training sentences + " in err and "(7 each," in err
+
+
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,fragment", [
     (["distil", "--init-embeddings", "teacher", "--teacher-logits", "x.npy"], "--teacher-logits gives no teacher"),
-    (["rnn", "--teacher", "t"], "rnn reads --teacher only for --init-embeddings teacher"),
+    (["rnn", "--teacher", "t", "--init-embeddings", "random"], "rnn reads --teacher only for --init-embeddings teacher"),
     (["rnn", "--rnn-mlp", "-1"], "--rnn-mlp must be >= 0"),
     (["distil", "--pool", "avg"], "argument --pool: invalid choice"),
     (["rnn", "--embd-channels", "static"], "argument --embd-channels: invalid choice"),
