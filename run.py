@@ -104,9 +104,9 @@ def build_parser():
         add_gpt_source(p)  # GPT-2 for --init-embeddings gpt2, and the teacher's base in distil
         if mode == "rnn":  # so that rnn can build distil's student: same tokenizer, same first embeddings
             p.add_argument("--teacher", default=None, metavar="DIR",
-                           help="only with --init-embeddings teacher: the teacher (as distil's --teacher) whose "
-                                "tokenizer and input embeddings the student starts from; rnn never runs it "
-                                f"(default {DISTIL.teacher})")
+                           help="the teacher (as distil's --teacher) whose tokenizer and input embeddings the "
+                                "student starts from (--init-embeddings teacher, the default once it is given); "
+                                f"rnn never runs it (default {DISTIL.teacher} with --init-embeddings teacher)")
         if mode == "distil":
             source = p.add_mutually_exclusive_group()
             source.add_argument("--teacher", default=None, metavar="DIR",
