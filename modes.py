@@ -116,15 +116,19 @@ def student_width(cfg: RNNConfig, embeddings=None):
     return replace(cfg, n_embd=width)
 
 
-def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None):
+def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None, device=torch.device("cpu")):
     """A fresh DistilRNN over tokenizer's vocabulary, seeded right before so rnn and
     distil start from the same weights whatever ran before; its embeddings
-    optionally from another model's (student_start)."""
+    optionally from another model's (student_start), its width settled by
+    student_width; on device. To be trained on a CPU: the process keeps freed memory
+    from then on (keep_freed_memory), so its steps reuse the embedding's gradient."""
     seed_everything(seed)
-    model = DistilRNN(replace(cfg, vocab_size=tokenizer.vocab_size))
+    model = DistilRNN(replace(student_width(cfg, embeddings), vocab_size=tokenizer.vocab_size))
     if embeddings is not None:
         model.init_embeddings(embeddings)
-    return model
+    if device.type == "cpu":
+        keep_freed_memory()
+    return model.to(device)
 
 
 def student_record(model, init_embeddings):
@@ -141,9 +145,7 @@ def rnn(cfg: RNNConfig, data: DataConfig, device, seed, gpt: GPTSource = None, i
     teacher = load_teacher(teacher_dir, gpt.weights if gpt else None) if init_embeddings == "teacher" else None
     tokenizer, embeddings = student_start(cfg, init_embeddings, gpt, teacher)
     splits = load_data(data, tokenizer=tokenizer)
-    model = student(student_width(cfg, embeddings), seed, tokenizer, embeddings).to(device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    model = student(cfg, seed, tokenizer, embeddings, device)
     return Task(model, splits, save=lambda out_dir: save_student(model, out_dir, tokenizer, {"trained_by": "rnn"}),
                 record={"student": student_record(model, init_embeddings)})
 
@@ -161,9 +163,7 @@ def distil(cfg: DistilConfig, student_cfg: RNNConfig, data: DataConfig, device, 
         targets = teacher_from_file(cfg.teacher_logits, train_set)
     else:
         targets = teacher_targets(teacher, train_set, val_set, device, cfg, dtype, progress)
-    model = student(student_width(student_cfg, embeddings), seed, tokenizer, embeddings).to(device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    model = student(student_cfg, seed, tokenizer, embeddings, device)
     record = {"student": student_record(model, init_embeddings), "teacher": targets.record,
               "distillation": {"alpha": cfg.alpha, "alpha_real": cfg.alpha_real, "temperature": cfg.temperature, "loss": cfg.loss,
                                "augment": cfg.augment.copies, "mask_prob": cfg.augment.mask_prob,

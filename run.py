@@ -254,7 +254,6 @@ def in_range(args, interval, *flags):
             raise UserError(f"{flag} must be {bounds}, got {value}")
 
 
-
 # --- gen ---------------------------------------------------------------------
 
 def validate_gen(args):
@@ -357,9 +356,7 @@ def validate_training_flags(args):
         in_range(args, "(0, inf)", "--lora-alpha")
         in_range(args, "[0, 1)", "--lora-dropout")
         return
-    in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden")
-    if args.rnn_embd is not None:
-        in_range(args, "[1, inf)", "--rnn-embd")
+    in_range(args, "[1, inf)", "--rnn-layers", "--rnn-hidden", "--rnn-embd")
     in_range(args, "[0, 1)", "--rnn-dropout", "--embd-dropout", "--head-dropout")
     in_range(args, "[0, inf)", "--embd-weight-decay", "--rnn-mlp")
     if args.mode == "rnn" and args.teacher is not None and init_embeddings(args) != "teacher":

@@ -15,8 +15,8 @@ from checkpoints import load_classifier, load_student, save_student
 from cola import SUBSET_ROWS, STUDENT, assert_error, cli, common, lora_subset_run, subset_dir
 from distil import load_teacher
 from model import DistilRNN, RNNConfig
-from run import build_parser, init_embeddings
 from modes import student, student_start, student_width
+from run import build_parser, init_embeddings
 from train_utils import TrainConfig, make_training, train_epoch
 from utils import GPT2_TOKENS, Split, TokenizedSplit
 
@@ -234,8 +234,6 @@ def test_the_student_reads_masked_words_as_its_tokenizers_mask(tiny_bert, tmp_pa
         assert all(EOT_TOKEN in student_tokens[i] for i in masked)
 
 
-# ---------------------------------------------------------------------------
-# Bad input: one line, before any data is read (--data-dir points nowhere)
 @pytest.mark.parametrize("argv,expected", [
     (["distil"], "teacher"),                                   # distil's default teacher counts
     (["distil", "--teacher", "t"], "teacher"),
@@ -276,6 +274,8 @@ def test_distils_defaults_read_the_teachers_vectors_at_its_width_with_7_copies(t
     assert f"transfer set: {SUBSET_ROWS['train']} training sentences + " in err and "(7 each," in err
 
 
+# ---------------------------------------------------------------------------
+# Bad input: one line, before any data is read (--data-dir points nowhere)
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,fragment", [
