@@ -11,6 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rnn_steps import run_rnn
+from sampling import sample_next
+
 
 class WeightsError(ValueError):
     """Pretrained weights could not be found, read or matched to the model."""
@@ -51,8 +54,9 @@ class Linear(nn.Module):
     """nn.Linear's maths with the weight stored transposed, (in, out), as the GPT-2
     checkpoints store it (their "Conv1D"). Batch-1 decoding multiplies one row
     vector by every weight matrix, and on CPU (MKL) x @ W streams an (in, out)
-    matrix about 1.3x faster than nn.Linear's (out, in) one; bench.py gen measures
-    it. It also means no transposes when loading a checkpoint."""
+    matrix at least as fast as nn.Linear's (out, in) one (bench.py gen measures
+    both; figures in docs/benchmarks.md). It also means no transposes when loading
+    a checkpoint."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
@@ -274,37 +278,6 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)
 
 
-def sample_next(logits, greedy=False, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits (B, vocab).
-
-    The draw is one uniform number per row looked up in the cumulative
-    probabilities, with top-k narrowed to its k candidates first. torch.multinomial
-    over the whole vocabulary costs ~1 ms per row on CPU, up to a tenth of a
-    decoding step; this costs microseconds. The columns stay in vocabulary order,
-    so a near-tie that two runs (cache or not, CPU or GPU) rank differently does
-    not change the token drawn."""
-    if greedy:  # max's index is argmax's (the first of equal maxima), in half the time on CPU
-        return logits.max(dim=-1).indices
-    logits = logits.float() / temperature
-    candidates = None  # vocabulary ids of the columns of logits, once narrowed to top-k
-    if top_k is not None and top_k < logits.size(-1):
-        candidates = torch.topk(logits, top_k, dim=-1).indices.sort(dim=-1).values
-        logits = logits.gather(-1, candidates)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the ones ranked above it already hold top_p of the mass;
-        # the best token is always kept
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    # the first column whose cumulative probability exceeds u: a column of
-    # probability p is drawn with probability p, one of probability 0 never
-    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
-    return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
-
-
 def _hf_to_ours(state, model, source):
     """Map a GPT2Model / GPT2LMHeadModel state dict onto model's parameter names,
     checked against model's shapes."""
@@ -347,12 +320,14 @@ LORA_TARGETS = tuple(LORA_TARGET_PATHS)
 class LoRALinear(nn.Module):
     """A frozen Linear plus a trainable low-rank update (Hu et al. 2021):
     y = W0 x + b + (alpha / r) * B A dropout(x). A is (r, in) and B (out, r), the
-    shapes PEFT saves, so adapters move between the two without reshaping.
+    shapes PEFT saves, so adapters move between the two without reshaping. The base
+    is our Linear (GPT-2's (in, out) weight) or an nn.Linear ((out, in): the layers of
+    transformers' encoders); only merging needs to know which.
 
     Wraps the base layer instead of subclassing it, and merges only when asked
     (merge()/unmerge()), never as a side effect of .eval()."""
 
-    def __init__(self, base: Linear, rank: int = 4, alpha: float = 8.0, dropout: float = 0.0):
+    def __init__(self, base: Linear | nn.Linear, rank: int = 4, alpha: float = 8.0, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -389,7 +364,9 @@ class LoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delta_weight(self):
-        """The update in the base weight's (in, out) layout."""
+        """The update in the base weight's layout: (in, out) for our Linear, (out, in) for nn.Linear."""
+        if isinstance(self.base, nn.Linear):
+            return (self.lora_B @ self.lora_A) * self.scaling
         return (self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     @torch.no_grad()
@@ -462,11 +439,11 @@ def set_trainable(classifier, train_layernorm=False):
 
 def store_frozen_in_bf16(model):
     """Under bf16 autocast every product reads its weight in bf16: store the frozen
-    GPT-2 weights so once, rather than casting ~85M numbers again at every forward
+    Linear weights (GPT-2's, or an encoder's nn.Linear) so once, rather than casting ~85M numbers again at every forward
     (and hold half the bytes). What is trained (adapters, head, LayerNorms with
     --train-layernorm) and its optimizer state stay float32."""
     for module in model.modules():
-        if isinstance(module, Linear) and not module.weight.requires_grad:
+        if isinstance(module, (Linear, nn.Linear)) and not module.weight.requires_grad:
             module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
@@ -519,46 +496,6 @@ class RNNConfig:
 
 
 RNN_TYPES, POOLS, EMBD_CHANNELS = ("rnn", "gru", "lstm"), ("last", "max", "mean"), ("trained", "frozen", "both")
-
-
-def steps_in_python(rnn):
-    """Whether packed_relu_rnn can stand in for rnn: a one-way ReLU RNN with biases."""
-    return isinstance(rnn, nn.RNN) and rnn.nonlinearity == "relu" and not rnn.bidirectional and rnn.bias
-
-
-def packed_relu_rnn(rnn, packed):
-    """rnn(packed) for a one-way ReLU nn.RNN, as (packed outputs, h_n), computed
-    step by step the way torch's CPU kernel does: the input's products for all steps
-    at once, then per step h = relu(h W_hh^T + b_hh + that step's rows), the batch
-    shrinking as sentences end. The same products in the same order give the same
-    numbers, bit for bit, forward and backward, in float32 and under bf16 autocast
-    (tests/test_distil.py). What differs is the backward's bookkeeping: the kernel
-    takes each step's rows with narrow, whose gradient is a zero tensor the size of
-    the whole packed input, written once per step; split here takes them all at
-    once, and its gradient is one concatenation (bench.py rnn)."""
-    sizes = packed.batch_sizes.tolist()
-    data, finals = packed.data, []
-    for layer in range(rnn.num_layers):
-        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
-                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        step_inputs = F.linear(data, w_ih, b_ih).split(sizes)
-        h = packed.data.new_zeros(sizes[0], rnn.hidden_size)  # the kernel's h_0: zeros in the input's dtype
-        outputs, ended = [], []  # ended: the final states of sentences already over, last ones first
-        for step, size in enumerate(sizes):
-            if size < h.size(0):
-                ended.append(h[size:])
-                h = h[:size]
-            h = torch.relu(F.linear(h, w_hh, b_hh) + step_inputs[step])
-            outputs.append(h)
-        finals.append(torch.cat([h] + ended[::-1]))
-        data = torch.cat(outputs)
-        if rnn.dropout and rnn.training and layer < rnn.num_layers - 1:
-            data = F.dropout(data, rnn.dropout, training=True)
-    h_n = torch.stack(finals)
-    if packed.unsorted_indices is not None:
-        h_n = h_n.index_select(1, packed.unsorted_indices)
-    return nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                                       packed.unsorted_indices), h_n
 
 
 class DistilRNN(nn.Module):
@@ -625,15 +562,31 @@ class DistilRNN(nn.Module):
     # numbers, a faster backward; without gradients torch's kernel is the faster (no backward
     # to save, no Python per step). False: always the kernel (the tests compare the two)
     python_steps = True
+    reads_host_lengths = True  # the loops pass forward the lengths they keep on the host
 
-    def forward(self, idx, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        if (self.python_steps and torch.is_grad_enabled() and packed.data.device.type == "cpu"
-                and steps_in_python(self.rnn)):
-            outputs, h_n = packed_relu_rnn(self.rnn, packed)
+    def rnn_runs_in(self, device_type, precision):
+        """The precision the RNN computes in when the rest of the model runs in
+        precision ("float32", "tf32" or "bfloat16"). Under autocast only the ReLU RNN
+        on a CPU stays inside it (its products then in bf16): CUDA's autocast runs
+        cuDNN's RNNs in float16, whatever the autocast dtype, and a CPU's leaves the
+        GRU and LSTM in float32. Those run in float32 outside autocast instead (on
+        CUDA as IEEE float32 or TF32, as the run's matrix products)."""
+        if precision != "bfloat16" or (device_type == "cpu" and self.config.rnn_type == "rnn"):
+            return precision
+        return "float32"
+
+    def forward(self, idx, lengths, host_lengths=None):
+        """Logits (B, n_classes) of right-padded idx (B, T). lengths (B,) may live on
+        the device; host_lengths, the same on the host, spares packing a read back
+        (without it, eager mode copies lengths to the host: a sync on CUDA)."""
+        embedded = self.embed(idx)
+        device_type = embedded.device.type
+        pad = {"last": None, "max": float("-inf"), "mean": 0.0}[self.config.pool]  # what pooling ignores
+        if torch.is_autocast_enabled(device_type) and self.rnn_runs_in(device_type, "bfloat16") == "float32":
+            with torch.autocast(device_type, enabled=False):
+                h_n, padded = run_rnn(self.rnn, embedded.float(), lengths, host_lengths, self.python_steps, pad)
         else:
-            outputs, h_n = self.rnn(packed)
+            h_n, padded = run_rnn(self.rnn, embedded, lengths, host_lengths, self.python_steps, pad)
         if self.config.pool == "last":
             if isinstance(h_n, tuple):  # LSTM returns (h_n, c_n)
                 h_n = h_n[0]
@@ -641,10 +594,8 @@ class DistilRNN(nn.Module):
             # up to the last real token, its backward state (if any) back to the first.
             features = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]
         else:
-            # the top layer's outputs (both directions side by side) at every real token;
-            # pads are filled with what the pooling ignores: -inf for max, 0 for the sum
-            pad = float("-inf") if self.config.pool == "max" else 0.0
-            padded, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, padding_value=pad)
+            # the top layer's outputs (both directions side by side) at every real token,
+            # the pads filled with what the pooling ignores: -inf for max, 0 for the sum
             if self.config.pool == "max":
                 features = padded.amax(dim=1)
             else:

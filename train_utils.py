@@ -10,18 +10,15 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import atomic_write, barrier, gather, info, one_line, world
+from utils import UserError, atomic_write, barrier, gather, info, one_line, world
 
-# Tiny gradients, Adam's squared averages of them and an RNN's fading states underflow
-# into denormal floats, which x86 CPUs process up to 100x slower (a random-init RNN
-# classified 2-5x slower); zero is as good here. One switch for the whole process.
-torch.set_flush_denormal(True)
 
 
 # ---------------------------------------------------------------------------
@@ -103,21 +100,21 @@ def has_amx():
 
 
 def resolve_precision(device, dtype="auto", matrix_bound=True):
-    """The precision of training, eval, predict, the teacher and gen: "float32",
-    "tf32" (float32 numbers, matrix products on TF32 tensor cores: 10-bit mantissa
-    inputs, float32 sums; CUDA only, elsewhere it is float32) or "bfloat16" (autocast:
-    products in bf16 with float32's range, no loss scaling; weights and optimizer
-    state stay float32). "auto" picks the faster, as measured (README, Benchmarks):
-    - CUDA, work made of batched products (training, classifying, labelling): tf32.
-      H200, LoRA on the gpt2-medium shape at run.py's default batch, epoch 2: float32
-      4.10 s, bf16 autocast 4.09 s, tf32 2.54 s; bench lora at batch 32, sentences/s,
-      float32 vs bf16: gpt2 770 vs 503, gpt2-medium 494 vs 364. CoLA's products are
-      too small for bf16 to pay for its casts; tf32 speeds them up at no cost.
-    - CUDA, gen (batch-1 decoding, bound by reading the weights): bf16.
-    - a CPU with AMX, batched products: bf16 (Xeon with AMX: bf16 products 5.5x the
-      float32 rate, a LoRA step 1.3x as fast).
-    - other CPUs: float32 (an AVX512-BF16 Xeon without AMX ran bf16 products at 0.55x
-      float32's rate, a LoRA epoch 1.7x as long); gen on any CPU: float32."""
+    """The precision of training, eval, predict, the teacher and gen:
+    - "float32": IEEE float32 for every product on every device, cuDNN's RNNs
+      included (tf32_products switches TF32 off, whatever torch's defaults);
+    - "tf32" (CUDA; float32 elsewhere): float32 numbers, the matrix products and
+      cuDNN's RNNs on TF32 tensor cores (10-bit mantissa inputs, float32 sums);
+    - "bfloat16": autocast, products in bf16 with float32's range, no loss scaling;
+      weights and optimizer state stay float32. The student's RNN keeps to bf16
+      only where autocast gives it bf16 (DistilRNN.rnn_runs_in: the ReLU RNN on a
+      CPU); elsewhere it runs in float32 outside autocast, never in float16.
+    "auto" picks the faster, as measured (docs/benchmarks.md, Precision):
+    - CUDA, work made of batched products (training, classifying, labelling): tf32;
+    - CUDA, gen (batch-1 decoding, bound by reading the weights): bf16;
+    - a CPU with AMX, batched products: bf16;
+    - other CPUs, and gen on any CPU: float32.
+    metrics.json records the result (precision_of) and what the student's RNN ran in."""
     if dtype == "tf32":
         return "tf32" if device.type == "cuda" else "float32"
     if dtype != "auto":
@@ -127,11 +124,25 @@ def resolve_precision(device, dtype="auto", matrix_bound=True):
     return "bfloat16" if matrix_bound and device.type == "cpu" and has_amx() else "float32"
 
 
+def precision_name(precision):
+    """A precision as metrics.json and the teacher cache keys name it."""
+    return "bf16-autocast" if precision == "bfloat16" else precision
+
+
 def precision_of(device, dtype="auto", matrix_bound=True):
     """The precision's name in metrics.json (environment.precision, teacher.precision)
     and in every teacher cache key."""
-    precision = resolve_precision(device, dtype, matrix_bound)
-    return "bf16-autocast" if precision == "bfloat16" else precision
+    return precision_name(resolve_precision(device, dtype, matrix_bound))
+
+
+def precision_parts(model, device, dtype="auto"):
+    """What each part of model computes in, for metrics.json: the whole model's
+    precision, and the RNN's where a student's differs (DistilRNN.rnn_runs_in)."""
+    precision = resolve_precision(device, dtype)
+    parts = {"model": precision_name(precision)}
+    if hasattr(model, "rnn_runs_in"):
+        parts["rnn"] = precision_name(model.rnn_runs_in(device.type, precision))
+    return parts
 
 
 def autocast_for(device, precision):
@@ -141,25 +152,23 @@ def autocast_for(device, precision):
     return nullcontext()
 
 
-def tf32_switches():
-    """The global switches of TF32 products: cuBLAS's, and cuDNN's RNNs' where torch has one."""
-    switches = [torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "rnn", None)]
-    return [s for s in switches if s is not None and hasattr(s, "fp32_precision")]
-
-
 @contextmanager
 def tf32_products(precision):
-    """Around a whole pass (forward and backward): TF32 products while precision is
-    "tf32" (a global setting, not a per-op cast), the previous setting restored after."""
-    switches = tf32_switches() if precision == "tf32" else []
-    previous = [s.fp32_precision for s in switches]
-    for s in switches:
-        s.fp32_precision = "tf32"
+    """Around a whole pass (forward and backward): TF32 for cuBLAS's matrix products
+    and cuDNN's (RNNs included) while precision is "tf32", IEEE float32 otherwise,
+    set explicitly either way (torch's own default lets cuDNN use TF32), and the
+    previous settings restored after. The switches are set through torch's
+    allow_tf32 flags, which keep both of torch's ways of reading them in step:
+    torch.get_float32_matmul_precision(), which torch.compile's inductor reads,
+    and the per-backend fp32_precision (setting the latter alone leaves the former
+    raising "mix of the legacy and new APIs")."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    previous = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
-        for s, value in zip(switches, previous):
-            s.fp32_precision = value
+        matmul.allow_tf32, cudnn.allow_tf32 = previous
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +187,9 @@ class TrainConfig:
     seed: int = 0
     embd_weight_decay: float = None  # adamw's weight decay on a student's token embedding; None: weight_decay
     dtype: str = "auto"            # auto | float32 | tf32 | bfloat16, see resolve_precision
+
+    def steps_per_epoch(self, sentences):
+        return math.ceil(sentences / self.batch_size)
 
 
 def make_optimizer(named_params, cfg: TrainConfig):
@@ -209,18 +221,42 @@ def make_scheduler(optimizer, total_steps, warmup_ratio):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Training(NamedTuple):
+    """What one epoch after another optimises with: the trainable parameters, their
+    optimizer and its learning-rate schedule."""
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
 def make_training(model, cfg: TrainConfig, batches_per_epoch):
-    """(trainable params, optimizer, lr scheduler) for cfg.epochs epochs."""
+    """The Training of model's parameters that require grad, for cfg.epochs epochs."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     optimizer = make_optimizer(named, cfg)
-    scheduler = make_scheduler(optimizer, batches_per_epoch * cfg.epochs, cfg.warmup_ratio)
-    return params, optimizer, scheduler
+    return Training([p for _, p in named], optimizer,
+                    make_scheduler(optimizer, batches_per_epoch * cfg.epochs, cfg.warmup_ratio))
 
 
 # ---------------------------------------------------------------------------
 # Inference: one loop for eval, predict, validation and the teacher
 # ---------------------------------------------------------------------------
+
+def unwrapped(model):
+    """The module inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def forward(model, batch, compiled=False):
+    """model's float32 logits for a batch already on the device. A model that
+    plans on the host (a student packing its sequences) is also handed the lengths
+    kept there, so nothing is read back from the device; a compiled one never is
+    (a host tensor would keep CUDA graphs from recording, and its padded steps need
+    none)."""
+    if not compiled and getattr(unwrapped(model), "reads_host_lengths", False):
+        return model(batch.idx, batch.lengths, batch.host_lengths).float()
+    return model(batch.idx, batch.lengths).float()
+
 
 @torch.no_grad()
 def infer(model, batches, device, precision="float32"):
@@ -231,9 +267,8 @@ def infer(model, batches, device, precision="float32"):
     logits, labels, rows = [], [], []
     with tf32_products(precision):
         for batch in batches:
-            on_device = batch.to(device)
             with autocast_for(device, precision):
-                logits.append(model(on_device.idx, on_device.lengths).float())
+                logits.append(forward(model, batch.to(device)))
             labels.append(batch.labels)
             rows.append(batch.rows)
     if not logits:
@@ -263,19 +298,38 @@ def evaluate(model, batches, device, precision="float32"):
 # Training
 # ---------------------------------------------------------------------------
 
-def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cross_entropy_loss,
-                grad_clip=1.0, bar=None, precision="float32", show_loss_every=25, steps=None):
+def replays_cuda_graphs(device, compiled):
+    """Whether a compiled model's steps replay as CUDA graphs (compile_model's mode)."""
+    return compiled and device.type == "cuda"
+
+
+@dataclass
+class EpochWatch:
+    """What an epoch shows and records besides its result."""
+    bar: object = None            # a tqdm bar: updated every step, its loss every show_loss_every steps
+    show_loss_every: int = 25
+    steps: list = None            # receives each step's (loss on the device, learning rate)
+    shapes: set = None            # receives the shape of every batch the model received on this rank
+
+
+def train_epoch(model, batches, training: Training, device, loss_fn=cross_entropy_loss, precision="float32",
+                grad_clip=1.0, compiled=False, watch=None):
     """One pass of optimisation over batches; returns (mean loss, predictions, labels)
     over the epoch's real sentences (gathered from every rank under torchrun).
 
     Nothing in the loop waits for the device: the loss and the predictions pile up
-    there and are read once, at the end. Only the progress bar's running loss is
-    read, every show_loss_every steps. steps, a list, receives each step's
-    (loss on the device, learning rate) for a log to read after the epoch."""
+    there and are read once, at the end; the lengths a student packs by come from
+    the host (forward). Only the progress bar's running loss is read, every
+    watch.show_loss_every steps. compiled: model is torch.compile's (on CUDA its
+    steps replay as CUDA graphs)."""
+    watch = watch or EpochWatch()
+    params, optimizer, scheduler = training
+    bar, steps, shapes = watch.bar, watch.steps, watch.shapes
     rank, size = world()
     model.train()
     loss_sum, rows, predictions, labels = torch.zeros((), device=device), 0, [], []
     show_loss = bar is not None and not bar.disable
+    graphs = replays_cuda_graphs(device, compiled)
     with tf32_products(precision):
         for step, batch in enumerate(batches, start=1):
             local = batch.shard(rank, size)
@@ -286,12 +340,18 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
                 # of the global batch so the result is the global batch's mean
                 weight = size * len(local.labels) / len(batch.labels)
             on_device = local.to(device)
+            if shapes is not None:
+                shapes.add(tuple(on_device.idx.shape))
+            # before the forward: the backward's graph then writes fresh gradients, which the
+            # optimizer reads before the next replay reuses their memory
+            optimizer.zero_grad(set_to_none=True)
+            if graphs:  # a new iteration: the previous replay's outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast_for(device, precision):
-                logits = model(on_device.idx, on_device.lengths).float()
-            loss = loss_fn(logits, on_device)
+                logits = forward(model, on_device, compiled)
+            loss = loss_fn(logits, on_device)  # computed outside the graph: a tensor of its own
             if steps is not None:
                 steps.append((loss.detach(), scheduler.get_last_lr()[0]))
-            optimizer.zero_grad(set_to_none=True)
             (loss * weight if size > 1 else loss).backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -300,11 +360,13 @@ def train_epoch(model, batches, optimizer, scheduler, params, device, loss_fn=cr
             if weight:
                 loss_sum += loss.detach() * len(local.labels)
                 rows += len(local.labels)
+                # argmax makes a new tensor: what piles up over the epoch is never a replay's
+                # output, which the next replay overwrites
                 predictions.append(logits.detach().argmax(-1))
                 labels.append(local.labels)
             if bar is not None:
                 bar.update()
-                if show_loss and (step % show_loss_every == 0 or step == len(batches)):
+                if show_loss and (step % watch.show_loss_every == 0 or step == len(batches)):
                     bar.set_postfix(loss=f"{loss.item():.4f}")
     predictions, labels = torch.cat(predictions).cpu(), torch.cat(labels)
     real = labels >= 0  # synthetic sentences (label -1) have no accuracy to count
@@ -323,16 +385,44 @@ class Interrupted(Exception):
 COMPILE_PAD_TO = 16
 
 
-def compile_model(model, device):
+# Graphs a compiled model may build, one per batch shape it meets: CoLA's padded widths
+# times a few batch sizes (the last batch of an epoch, each rank's share) stay well within.
+COMPILE_GRAPH_LIMIT = 64
+
+
+class CompileError(UserError):
+    """torch.compile cannot compile the model as asked (a graph break, too many shapes)."""
+
+
+def compile_model(model, device, one_graph=True):
     """torch.compile for a training run: static shapes (the batches come in a few
     padded lengths), and on CUDA the graphs replayed as CUDA graphs
-    (mode="reduce-overhead"), so a step's hundreds of small kernels launch at once."""
+    (mode="reduce-overhead"), so a step's hundreds of small kernels launch at once.
+    one_graph: the whole forward in one graph or an error (fullgraph), never a
+    silent break back to eager code; DDP's own graph splitting needs it off."""
+    return torch.compile(model, dynamic=False, fullgraph=one_graph,
+                         mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+@contextmanager
+def compile_limits():
+    """While a compiled model trains: up to COMPILE_GRAPH_LIMIT graphs, and past
+    that an error instead of torch's silent fall-back to eager code. A
+    CompileError names what went wrong in one line."""
     import torch._dynamo
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # one graph per shape: allow a few dozen
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 64))
-    return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    settings = dict(recompile_limit=COMPILE_GRAPH_LIMIT, fail_on_recompile_limit_hit=True,
+                    # the student's RNN module is only read for its weights (rnn_steps.padded_rnn
+                    # steps it), which dynamo refuses for nn.RNN/GRU/LSTM unless allowed
+                    allow_rnn=True)
+    with torch._dynamo.config.patch(**{k: v for k, v in settings.items() if hasattr(torch._dynamo.config, k)}):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise CompileError(f"--compile: the model met more than {COMPILE_GRAPH_LIMIT} batch shapes, one graph "
+                               "each; drop --compile for this data") from None
+        except torch._dynamo.exc.Unsupported as e:
+            raise CompileError(f"--compile: torch cannot compile this model in one graph "
+                               f"({one_line(e)[:160]}); drop --compile") from None
 
 
 def compile_note(device, steps, shapes):
@@ -350,41 +440,55 @@ def batch_shapes(batches):
     return len({tuple(b.idx.shape) for b in batches})
 
 
-def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entropy_loss,
-        on_epoch_end=None, progress=True, state_path=None, resume=False, signature=None,
-        signature_defaults=None, stop_after=None, compile=False, on_steps=None):
-    """Train the parameters of model that require grad; evaluate on val_set after
-    each epoch.
+@dataclass
+class Loop:
+    """How fit drives the epochs, none of which changes what a run learns (but for
+    --compile's rounding). rundir.RunConfig, a run of the command line, has the
+    same fields and stands in for it."""
+    progress: bool = True          # progress bars (rank 0)
+    state_path: str = None         # the resumable state, written after each epoch
+    resume: bool = False           # continue from state_path
+    signature: dict = None         # the settings a resume must find unchanged
+    signature_defaults: dict = None  # what a state saved before a setting existed ran as
+    stop_after: int = None         # end this call after this many epochs, as if killed there
+    compile: bool = False          # train through torch.compile
 
-    on_epoch_end(history, is_best, val) runs on rank 0 after every epoch (to save
-    metrics and the best weights). With state_path, everything needed to continue
+
+def fit(model, data, cfg: TrainConfig, device, loss_fn=cross_entropy_loss, loop=Loop(), on_epoch_end=None,
+        on_steps=None):
+    """Train the parameters of model that require grad on data's training split;
+    evaluate on its validation split after each epoch. Returns the epoch records.
+
+    loop (a Loop, or a RunConfig): with a state_path, everything needed to continue
     (trainable weights, optimiser, scheduler, RNG states, history) is saved there
-    after each epoch; resume=True continues from it, provided signature (the run's
-    settings) matches the saved one (signature_defaults: settings a run saved before
-    they existed ran as). stop_after=N ends this call after N epochs, as if killed
-    there. compile=True trains through torch.compile. on_steps(epoch, losses, lrs)
-    receives every step's loss and learning rate once the epoch is over (rank 0).
-    Returns the epoch records."""
+    after each epoch, and resume continues from it if the signature matches the
+    saved one. on_epoch_end(history, is_best, val) runs on rank 0 after every epoch
+    (to save metrics and the best weights); on_steps(epoch, losses, lrs) receives
+    every step's loss and learning rate once the epoch is over (rank 0)."""
+    train_set, val_set = data
+    state_path, compile, stop_after = loop.state_path, loop.compile, loop.stop_after
     rank, size = world()
     precision = resolve_precision(device, cfg.dtype)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    params, optimizer, scheduler = make_training(model, cfg, steps_per_epoch)
+    steps_per_epoch = cfg.steps_per_epoch(len(train_set))
+    training = make_training(model, cfg, steps_per_epoch)
+    optimizer, scheduler = training.optimizer, training.scheduler
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
-    if resume:
-        history = load_training_state(state_path, model, optimizer, scheduler, generator, signature,
-                                      signature_defaults)
+    if loop.resume:
+        history = load_training_state(state_path, model, optimizer, scheduler, generator, loop.signature,
+                                      loop.signature_defaults)
         info(f"resuming after epoch {len(history)} of {cfg.epochs} from {state_path}")
     # model itself keeps its parameter names for the saved state; only the training
     # forward goes through the DDP and compiled wrappers, so --compile may change on --resume
     trained = model
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # device_ids=None: DDP then leaves the inputs where they are, the host lengths on the host
+        trained = DistributedDataParallel(model, device_ids=None)
     pad_to = COMPILE_PAD_TO if compile else 1
-    shapes = set()
+    shapes = set()  # the batch shapes the (compiled) model received on this rank
     if compile:
-        trained = compile_model(trained, device)
+        trained = compile_model(trained, device, one_graph=size == 1)
     val_batches = val_set.batches(cfg.batch_size)
     epochs_this_call = 0
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -396,14 +500,13 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
             note = compile_note(device, steps_per_epoch * (cfg.epochs - len(history)), batch_shapes(batches))
             if note:
                 info(note)
-        shapes |= {tuple(b.idx.shape) for b in batches}
         steps = [] if on_steps is not None else None
         try:
             with tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
-                      disable=not progress or rank != 0) as bar:
-                train_loss, predictions, labels = train_epoch(trained, batches, optimizer, scheduler, params,
-                                                              device, loss_fn, cfg.grad_clip, bar, precision,
-                                                              steps=steps)
+                      disable=not loop.progress or rank != 0) as bar, (compile_limits() if compile else nullcontext()):
+                train_loss, predictions, labels = train_epoch(trained, batches, training, device, loss_fn,
+                                                              precision, cfg.grad_clip, compiled=compile,
+                                                              watch=EpochWatch(bar, steps=steps, shapes=shapes))
         except KeyboardInterrupt:
             if epoch == 1:
                 raise Interrupted("interrupted in epoch 1, before any epoch finished; nothing was saved") from None
@@ -430,7 +533,8 @@ def fit(model, train_set, val_set, cfg: TrainConfig, device, loss_fn=cross_entro
                 if on_epoch_end is not None:
                     on_epoch_end(history, is_best, val)
                 if state_path is not None:
-                    save_training_state(state_path, model, optimizer, scheduler, generator, history, signature)
+                    save_training_state(state_path, model, optimizer, scheduler, generator, history,
+                                        loop.signature)
         barrier()
     return history
 

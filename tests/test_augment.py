@@ -135,12 +135,11 @@ def test_training_metrics_count_real_sentences_only():
     torch.manual_seed(0)
     student = DistilRNN(RNNConfig(n_embd=8, hidden=8))
     cfg = TrainConfig(epochs=1, batch_size=2)
-    params, optimizer, scheduler = make_training(student, cfg, 3)
+    training = make_training(student, cfg, 3)
     teacher = torch.randn(5, 2)
 
     def loss_fn(logits, batch):
         return distillation_loss(logits, teacher[batch.rows], batch.labels, 0.5, 2.0)
-    loss, predictions, seen_labels = train_epoch(student, split.batches(2), optimizer, scheduler, params,
-                                                 torch.device("cpu"), loss_fn)
+    loss, predictions, seen_labels = train_epoch(student, split.batches(2), training, torch.device("cpu"), loss_fn)
     assert sorted(seen_labels.tolist()) == [1, 1, 1] and len(predictions) == 3
     assert loss > 0

@@ -9,7 +9,7 @@ from conftest import EOT, TINY
 from checkpoints import load_gpt, save_lora_adapter
 from model import (GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, Linear, LoRAConfig, LoRALinear, add_lora,
                    lora_layers, set_trainable)
-from train_utils import TrainConfig, fit
+from train_utils import Loop, TrainConfig, fit
 from utils import Split, TokenizedSplit, encode
 
 # transformers 5 warns about its own deprecated name when PEFT wraps a model
@@ -200,7 +200,7 @@ def test_training_changes_only_trainable_parameters(tiny_ckpt, train_layernorm):
     before = {name: p.detach().clone() for name, p in classifier.named_parameters()}
     data = tiny_task()
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_ratio=0.0, seed=0)
-    history = fit(classifier, data, data, cfg, torch.device("cpu"), progress=False)
+    history = fit(classifier, (data, data), cfg, torch.device("cpu"), loop=Loop(progress=False))
     assert [r["epoch"] for r in history] == [1, 2]
     trainable = {name for name, p in classifier.named_parameters() if p.requires_grad}
     assert any(".lora_A" in n for n in trainable) and "score.weight" in trainable
@@ -349,7 +349,7 @@ def test_bf16_training_stays_close_to_float32(tiny_ckpt):
         if dtype == "bfloat16":
             store_frozen_in_bf16(classifier)
         cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_ratio=0.0, seed=0, dtype=dtype)
-        histories[dtype] = fit(classifier, data, data, cfg, torch.device("cpu"), progress=False)
+        histories[dtype] = fit(classifier, (data, data), cfg, torch.device("cpu"), loop=Loop(progress=False))
         trained[dtype] = {n: p.detach() for n, p in classifier.named_parameters() if p.requires_grad}
     for a, b in zip(histories["float32"], histories["bfloat16"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.03 and abs(a["val_loss"] - b["val_loss"]) < 0.03

@@ -1,4 +1,4 @@
-"""The student's shape and start (issue #17): its embedding channels, the teacher's
+"""The student's shape and start: its embedding channels, the teacher's
 input embeddings and tokenizer (conftest's tiny BERT, or a LoRA teacher's base
 GPT-2), a student on the teacher's tokenizer predicting and evaluating from its
 checkpoint alone, and each bad input's one-line error before any data is read.
@@ -78,14 +78,14 @@ def test_frozen_and_both_channels_train_only_the_trained_table():
         model = DistilRNN(RNNConfig(n_embd=8, hidden=8, embd_channels=channels, pool="max"))
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         cfg = TrainConfig(epochs=1, batch_size=2, lr=0.1)
-        params, optimizer, scheduler = make_training(model, cfg, 2)
-        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        training = make_training(model, cfg, 2)
+        trained = {id(p) for group in training.optimizer.param_groups for p in group["params"]}
         if channels == "frozen":
             assert id(model.embedding.weight) not in trained and model.static_embedding is None
         else:
             assert id(model.static_embedding.weight) not in trained and id(model.embedding.weight) in trained
         assert model.rnn.input_size == (8 if channels == "frozen" else 16)  # both: the two side by side
-        train_epoch(model, split.batches(2), optimizer, scheduler, params, torch.device("cpu"))
+        train_epoch(model, split.batches(2), training, torch.device("cpu"))
         now = dict(model.named_parameters())
         frozen = "embedding.weight" if channels == "frozen" else "static_embedding.weight"
         assert torch.equal(now[frozen], start[frozen])
