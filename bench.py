@@ -3,13 +3,18 @@
     python bench.py gen      # greedy decoding, ours vs transformers.generate
     python bench.py lora     # one CoLA epoch of LoRA training, ours vs transformers + peft
     python bench.py distil   # seconds per distil epoch (teacher cached) vs per rnn epoch
-    python bench.py rnn      # one rnn epoch on CPU: ours vs the code before (torch's RNN kernel)
+    python bench.py rnn      # one rnn epoch on CPU: ours vs torch's RNN kernel and glibc's allocation
     python bench.py predict  # the student against GPT-2 teachers at inference: sentences/s, ms, size
+    python bench.py finetune-reference --base DIR --seed S --out-dir D
+                             # full fine-tuning with transformers.Trainer: the reference of LoRA --base
+    python bench.py gpu      # the check of the CUDA path, each step within its own timeout: runs/gpu-report.md
+                             # (--quick --device cpu: the same steps tiny, on a CPU; see gpu_check.py)
 
 Each prints what it measured on stderr-free stdout lines; the last line is JSON:
 {"bench": ..., "ours": ..., "reference": ..., "ratio": ...}.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -18,7 +23,7 @@ import time
 
 import torch
 
-from utils import DEFAULT_DATA_DIR
+from utils import DEFAULT_DATA_DIR, set_process_switches
 
 
 
@@ -213,8 +218,8 @@ def bench_lora(args):
 
     from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora, set_trainable, \
         store_frozen_in_bf16
-    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, batch_shapes, compile_model, make_training,
-                             precision_of, resolve_precision, tf32_products, train_epoch)
+    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, batch_shapes, compile_limits, compile_model,
+                             make_training, precision_of, resolve_precision, tf32_products, train_epoch)
     device = torch.device(args.device)
     batch_size = args.batch_size or 32
     train_set, _ = cola_train(args)
@@ -239,15 +244,16 @@ def bench_lora(args):
                                                           rank=4, alpha=8))).to(device)
         if precision == "bfloat16":
             store_frozen_in_bf16(classifier)
-        params, optimizer, scheduler = make_training(classifier, cfg, steps * epochs)
+        training = make_training(classifier, cfg, steps * epochs)
         model = compile_model(classifier, device) if compiled else classifier
         batches = padded if compiled else plain
         times = []
         for _ in range(epochs):
             sync(device)
             start = time.perf_counter()
-            train_epoch(model, batches, optimizer, scheduler, params, device, grad_clip=cfg.grad_clip,
-                        precision=precision)
+            with compile_limits() if compiled else contextlib.nullcontext():
+                train_epoch(model, batches, training, device, precision=precision, grad_clip=cfg.grad_clip,
+                            compiled=compiled)
             sync(device)
             times.append(time.perf_counter() - start)
         return times
@@ -348,9 +354,9 @@ def rnn_epoch_seconds(train_set, batch_size, device, loss_fn=None, python_steps=
     student.python_steps = python_steps
     cfg = TrainConfig(epochs=1, batch_size=batch_size)
     batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    params, optimizer, scheduler = make_training(student, cfg, len(batches))
+    training = make_training(student, cfg, len(batches))
     start = time.perf_counter()
-    train_epoch(student, batches, optimizer, scheduler, params, device, loss_fn or cross_entropy_loss)
+    train_epoch(student, batches, training, device, loss_fn or cross_entropy_loss)
     sync(device)
     return time.perf_counter() - start
 
@@ -388,7 +394,7 @@ def bench_distil(args):
 def bench_rnn(args):
     """Seconds per rnn epoch (defaults: 2-layer ReLU RNN, 768 wide, batch 128), as
     run.py rnn trains on CPU (the RNN stepped in Python, freed memory kept in the
-    heap), against the code before: torch's RNN kernel and glibc's default
+    heap), against torch's RNN kernel and glibc's default
     allocation, which maps the 154 MB embedding gradient afresh every step. Same
     model, batches and fused AdamW step; the variants are timed in turns."""
     from utils import keep_freed_memory
@@ -426,10 +432,74 @@ def bench_rnn(args):
 # predict: what distillation buys at inference
 # ---------------------------------------------------------------------------
 
+# VmHWM, the process's own high-water mark: ru_maxrss would carry over the parent's,
+# which the child was forked from
+PEAK_MEMORY_SCRIPT = """import sys
+sys.path.insert(0, sys.argv[1])
+sentences = open(sys.argv[3], encoding="utf-8").read().splitlines()
+if sys.argv[2] == "export":
+    import deploy
+    deploy.load(sys.argv[4]).predict(sentences)
+else:
+    import modes
+    modes.predict(sys.argv[4], sentences, "cpu", "float32")
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def peak_memory_mb(kind, directory, sentences_file):
+    """Peak resident memory (MB) of a fresh process that loads directory and predicts
+    the sentences: kind "export" through deploy.py (no torch), "run" through predict."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, os.path.dirname(os.path.abspath(__file__)),
+                           kind, sentences_file, directory], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024  # kB
+
+
+def export_rows(student, split, single, repeats, tmp):
+    """The student exported to ONNX (float32 and int8) and run by onnxruntime on the
+    same batches, its threads as many as torch's; and the peak memory of predicting
+    the sentences in a process of their own, the PyTorch student's as the reference."""
+    import deploy
+    import onnxruntime
+    from checkpoints import save_student
+    from export import export_student
+    run = os.path.join(tmp, "student_run")
+    save_student(student, run)
+    sentences_file = os.path.join(tmp, "sentences.txt")
+    with open(sentences_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(split.split.sentences) + "\n")
+    as_numpy = lambda batches: [(b.idx.numpy(), b.lengths.numpy()) for b in batches]  # noqa: E731
+    batched, one = as_numpy(split.batches(64)), as_numpy(single.batches(1))
+    cpu = torch.device("cpu")
+    rows = {"DistilRNN student (defaults)": {"peak_mb": peak_memory_mb("run", run, sentences_file)}}
+    for quantize in (None, "int8"):
+        out = os.path.join(tmp, f"export_{quantize or 'float32'}")
+        export_student(run, out, quantize)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(os.path.join(out, deploy.MODEL_FILE), options,
+                                               providers=["CPUExecutionProvider"])
+
+        def logits(batches, session=session):
+            return [session.run(["logits"], {"input_ids": idx, "lengths": lengths}) for idx, lengths in batches]
+        logits(batched[:2])  # warm-up
+        seconds_64 = best_of(repeats, lambda: logits(batched), cpu)
+        seconds_1 = best_of(repeats, lambda: logits(one), cpu)
+        rows[f"DistilRNN ONNX export ({quantize or 'float32'})"] = {
+            "sentences_per_s": len(split) / seconds_64, "ms_batch1": 1000 * seconds_1 / len(single),
+            "params": sum(p.numel() for p in student.parameters()),
+            "mb": os.path.getsize(os.path.join(out, deploy.MODEL_FILE)) / 2 ** 20,
+            "peak_mb": peak_memory_mb("export", out, sentences_file)}
+    return rows
+
+
 def bench_predict(args):
     """The student against GPT-2 LoRA classifiers as predict runs them (merged
     adapters, length-sorted batches), on CoLA's in-domain dev sentences: sentences/s
-    at batch 64, milliseconds per sentence at batch 1, parameters and size on disk."""
+    at batch 64 and at batch 1, milliseconds per sentence at batch 1, parameters and
+    size on disk; then the student's ONNX exports (float32, int8) under onnxruntime,
+    and peak memory of predicting in a process of its own (student and exports)."""
     from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, merge_lora
     from train_utils import infer
     from utils import TokenizedSplit, load_cola, save_tensors
@@ -460,25 +530,45 @@ def bench_predict(args):
             save_tensors(path, model.state_dict())
             rows[name] = {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
                           "params": sum(p.numel() for p in model.parameters()), "mb": os.path.getsize(path) / 2 ** 20}
+        if device.type == "cpu":  # onnxruntime's CPU provider: the deployment target
+            torch.manual_seed(0)
+            for name, row in export_rows(DistilRNN(RNNConfig()).eval(), split, single, args.repeats, tmp).items():
+                rows[name] = {**rows.get(name, {}), **row}
     print(f"device: {device_name(device)}")
     print(f"{len(split)} CoLA in-domain dev sentences; batch 64 length-sorted; batch 1 over the first "
-          f"{len(single)}; float32; best of {args.repeats}")
-    print(f"{'model':<40} {'params':>12} {'MB on disk':>10} {'sent/s @64':>11} {'ms/sent @1':>11}")
+          f"{len(single)}; float32 unless named; best of {args.repeats}; peak memory: a process predicting "
+          f"them all")
+    print(f"{'model':<40} {'params':>12} {'MB on disk':>10} {'sent/s @64':>11} {'sent/s @1':>10} "
+          f"{'ms/sent @1':>11} {'peak MB':>8}")
     for name, r in rows.items():
-        print(f"{name:<40} {r['params']:>12,} {r['mb']:>10.0f} {r['sentences_per_s']:>11.0f} "
-              f"{r['ms_batch1']:>11.2f}")
+        peak = f"{r['peak_mb']:>8.0f}" if "peak_mb" in r else f"{'-':>8}"
+        print(f"{name:<40} {r['params']:>12,} {r['mb']:>10.1f} {r['sentences_per_s']:>11.0f} "
+              f"{1000 / r['ms_batch1']:>10.0f} {r['ms_batch1']:>11.2f} {peak}")
     student, teacher_row = rows["DistilRNN student (defaults)"], rows["GPT-2 LoRA teacher (gpt2 shape)"]
     return {"bench": "predict", "device": device_name(device), "ours": student["sentences_per_s"],
             "reference": teacher_row["sentences_per_s"],
             "ratio": student["sentences_per_s"] / teacher_row["sentences_per_s"], "models": rows}
 
 
-BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil, "rnn": bench_rnn, "predict": bench_predict}
+def bench_finetune_reference(args):
+    """Full fine-tuning with transformers.Trainer: the reference of a `run.py LoRA
+    --base` run on the same base and seed (finetune_reference.py)."""
+    from finetune_reference import run_reference
+    return run_reference(args, device_name(torch.device(args.device)))
 
 
-def main():
+BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil, "rnn": bench_rnn, "predict": bench_predict,
+           "finetune-reference": bench_finetune_reference}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    set_process_switches()
+    if argv[:1] == ["gpu"]:  # the GPU check has flags of its own
+        import gpu_check
+        return gpu_check.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=sorted(BENCHES))
+    p.add_argument("bench", choices=sorted([*BENCHES, "gpu"]))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is kept (gen)")
     p.add_argument("--prompt-tokens", type=int, default=20)
@@ -491,10 +581,14 @@ def main():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "tf32", "bfloat16"),
                    help="gen: the precision of both sides (default auto: as run.py gen)")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
-    args = p.parse_args()
+    p.add_argument("--base", help="finetune-reference: the Hugging Face encoder to fine-tune (directory or hub id)")
+    p.add_argument("--seed", type=int, default=0, help="finetune-reference: the seed (pairs with a LoRA run's)")
+    p.add_argument("--out-dir", help="finetune-reference: where metrics.json and the best model go")
+    p.add_argument("--epochs", type=int, default=None, help="finetune-reference: epochs (default 4)")
+    args = p.parse_args(argv)
     result = BENCHES[args.bench](args)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
