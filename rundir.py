@@ -10,7 +10,7 @@ from importlib.metadata import version
 
 import torch
 
-from train_utils import best_epoch, precision_of
+from train_utils import best_epoch, precision_of, precision_parts
 from utils import UserError, atomic_write, file_sha256s, info, save_json
 
 # What a run writes into its --out-dir (--overwrite removes these, nothing else)
@@ -72,6 +72,32 @@ def claim_out_dir(run: RunConfig):
             os.remove(path)
 
 
+def what_is_kept(run: RunConfig):
+    """After a save failed (a full disk): what of the run stays whole and how to go
+    on, from the run's own files. Every file is written whole or not at all, and
+    the resume state is written last in an epoch, so its epoch is the one resumed."""
+    epoch = None
+    if os.path.isfile(run.state_path):
+        try:
+            epoch = torch.load(run.state_path, map_location="cpu", weights_only=True)["epoch"]
+        except Exception:  # unreadable: as good as none
+            epoch = None
+    try:
+        with open(run.metrics_path) as f:
+            metrics = json.load(f)
+        total = metrics["args"]["epochs"]
+        finished = len(metrics["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        total = finished = None
+    if total is not None and finished >= total and (epoch is None or epoch >= total):
+        return f"every epoch of the run is saved in {run.out_dir}; only this file is missing"
+    if epoch:
+        return (f"the run in {run.out_dir} is saved up to epoch {epoch}, each file whole: free some space, "
+                f"then add --resume to continue after epoch {epoch}")
+    again = "run it again with --overwrite" if os.path.isfile(run.metrics_path) else "run it again"
+    return f"no epoch was saved in {run.out_dir}: free some space (or pass another --out-dir) and {again}"
+
+
 def new_record(mode, run: RunConfig, model, device, dtype, data):
     """The parts of metrics.json that describe the run: what, with what, on what."""
     return {"mode": mode, "args": run.settings,
@@ -79,6 +105,7 @@ def new_record(mode, run: RunConfig, model, device, dtype, data):
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "environment": {"seed": run.settings.get("seed"), "device": str(device),
                             "precision": precision_of(device, dtype),
+                            "precision_parts": precision_parts(model, device, dtype),
                             "python": platform.python_version(),
                             "torch": torch.__version__, "numpy": version("numpy"),
                             "safetensors": version("safetensors"), "tiktoken": version("tiktoken"),

@@ -61,8 +61,11 @@ def run_tune(args, argv, parser, runner, run_control):
                 run_argv += ["--" + name] if value.lower() in ("true", "1") else []
             else:
                 run_argv += ["--" + name, value]
-        out_dir = os.path.join(args.out_dir, settings.replace(" ", "_").replace("=", "-"))
+        name = settings.replace(" ", "_").replace("=", "-")
+        out_dir = os.path.join(args.out_dir, name)
         run_args = parser.parse_args(drop_flag(run_argv, "--out-dir") + ["--out-dir", out_dir])
+        if args.log_dir:  # each run its own logs: one shared steps.csv would be started anew by every run
+            run_args.log_dir = os.path.join(args.log_dir, name)
         info(f"tune: {settings} -> {out_dir}")
         try:
             runner(run_args)
@@ -270,9 +273,17 @@ def run_compare(args):
         mean_b, std_b = mean_std(values_b)
         diff, low, high = paired_interval(values_a, values_b)
         interval = f"95% CI [{low:+.4f}, {high:+.4f}]" if low is not None else "no interval from one pair"
-        print(f"{metric}: A {mean_a:.4f} ± {std_a:.4f}   B {mean_b:.4f} ± {std_b:.4f}   "
-              f"B - A {diff:+.4f}, {interval}")
+        if len(seeds) == 1:  # the spread of one value is undefined: no "± 0"
+            std_a = std_b = None
+            sides = f"A {mean_a:.4f}   B {mean_b:.4f}   (n=1, no std)"
+        else:
+            sides = f"A {mean_a:.4f} ± {std_a:.4f}   B {mean_b:.4f} ± {std_b:.4f}"
+        print(f"{metric}: {sides}   B - A {diff:+.4f}, {interval}")
         result[metric] = {"a": (mean_a, std_a), "b": (mean_b, std_b), "difference": (diff, low, high)}
+    differences = student_differences(a[seeds[0]], b[seeds[0]])
+    if differences:
+        info(f"warning: A and B train different students ({'; '.join(differences)}), so B - A measures that "
+             "difference too; to measure distillation alone compare `rnn --teacher X` with `distil --teacher X`")
     teacher_mcc = [m["teacher"]["val_mcc"] for runs in (a, b) for m in runs.values()
                    if (m.get("teacher") or {}).get("val_mcc") is not None]
     if teacher_mcc:
@@ -285,6 +296,29 @@ def run_compare(args):
                  result.get("teacher_mcc"), path)
     info(f"wrote {path}")
     return result
+
+
+# What makes a student: how metrics.json's "student" record and its args name it, and how a warning names it
+STUDENT_SETTINGS = (("tokenizer", "student", "vocab_size", "{} tokens"),
+                    ("starting vectors", "student", "init_embeddings", "{}"),
+                    ("embedding width", "student", "n_embd", "{}"),
+                    ("cell", "args", "rnn_type", "{}"),
+                    ("hidden width", "args", "rnn_hidden", "{}"),
+                    ("layers", "args", "rnn_layers", "{}"),
+                    ("bidirectional", "args", "bidirectional", "{}"))
+
+
+def student_differences(metrics_a, metrics_b):
+    """The settings in which the students of two runs differ, each as "name: A x, B y";
+    none where either run trained no student (LoRA) or predates the record."""
+    if not (metrics_a.get("student") and metrics_b.get("student")):
+        return []
+    differences = []
+    for name, record, key, form in STUDENT_SETTINGS:
+        value_a, value_b = ((m.get(record) or {}).get(key) for m in (metrics_a, metrics_b))
+        if value_a is not None and value_b is not None and value_a != value_b:
+            differences.append(f"{name}: A {form.format(value_a)}, B {form.format(value_b)}")
+    return differences
 
 
 def safe_name(text):

@@ -2,11 +2,14 @@
 torchrun helpers and atomic file writes. Never imports model.py."""
 import csv
 import ctypes
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -256,13 +259,23 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def set_process_switches():
+    """The switches that hold for the whole process, set once by each entry point
+    (run.py, bench.py, the tests' conftest.py) before any work: denormal floats
+    flushed to zero. Tiny gradients, Adam's squared averages of them and an RNN's
+    fading states underflow into denormals, which x86 CPUs process up to 100x
+    slower; zero is as good here. (keep_freed_memory is the other one, for the
+    runs that train a student on a CPU: run.py sets it there.)"""
+    torch.set_flush_denormal(True)
+
+
 def keep_freed_memory(keep=True):
     """On Linux (glibc): serve every allocation from the process's own heap and keep
     what is freed there (mallopt: no mmap, trim only past 2 GiB), rather than mapping
     each large block fresh from the OS and unmapping it when freed. A DistilRNN
     training step allocates its embedding's gradient (50257 x 768, 154 MB) anew, and
-    every page of a freshly mapped block faults on its first write: ~75 of a ~300 ms
-    step on this project's Xeon (1 thread), gone once the heap keeps the block.
+    every page of a freshly mapped block faults on its first write, a large share of
+    the step on CPU (docs/benchmarks.md), gone once the heap keeps the block.
     Results do not change, only where memory comes from; the process then holds its
     peak memory until it exits. keep=False restores glibc's defaults for large
     blocks (bench.py's reference). Returns whether it applied (False off glibc)."""
@@ -453,18 +466,33 @@ class Batch:
     lengths: torch.Tensor    # (B,) real tokens per row
     labels: torch.Tensor     # (B,)
     rows: torch.Tensor       # (B,) row numbers in the split, e.g. to find cached teacher logits
+    pad_to: int = 1          # the width was rounded up to a multiple of this (a compiled model's shapes)
+    host_lengths: torch.Tensor = None  # lengths, kept on the host once the rest is on a device
 
     def to(self, device):
-        return Batch(self.idx.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True),
-                     self.labels.to(device, non_blocking=True), self.rows)
+        """The tensors that the model reads, on device, copied without blocking (from
+        pinned memory on CUDA, so the host never waits); lengths also stay on the host
+        as host_lengths, for what is planned there (packing an RNN's sequences) without
+        reading them back from the device. rows stay on the host, pinned."""
+        host_lengths = self.lengths if self.host_lengths is None else self.host_lengths
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        staged = [t.pin_memory() if pin else t for t in (self.idx, self.lengths, self.labels, self.rows)]
+        idx, lengths, labels = (t.to(device, non_blocking=True) for t in staged[:3])
+        return Batch(idx, lengths, labels, staged[3], self.pad_to, host_lengths)
 
     def shard(self, rank, size):
-        """This rank's contiguous part of a global batch (rows stay whole sentences)."""
+        """This rank's contiguous part of a global batch (rows stay whole sentences).
+        A padded batch keeps its width on every rank, so a compiled model meets the
+        same few shapes as on one process; an unpadded one is trimmed to the part's
+        longest sentence."""
         if size == 1:
             return self
         part = torch.tensor_split(torch.arange(len(self.labels)), size)[rank]
-        width = int(self.lengths[part].max()) if len(part) else 1
-        return Batch(self.idx[part, :width], self.lengths[part], self.labels[part], self.rows[part])
+        if self.pad_to > 1:
+            width = self.idx.size(1)
+        else:
+            width = int(self.lengths[part].max()) if len(part) else 1
+        return Batch(self.idx[part, :width], self.lengths[part], self.labels[part], self.rows[part], self.pad_to)
 
 
 class TokenizedSplit:
@@ -506,7 +534,7 @@ class TokenizedSplit:
         for i, r in enumerate(rows):
             idx[i, :lengths[i]] = torch.tensor(self.tokens[r])
         rows = torch.tensor(rows, dtype=torch.long)
-        return Batch(idx, torch.tensor(lengths), self.labels[rows], rows)
+        return Batch(idx, torch.tensor(lengths), self.labels[rows], rows, pad_to)
 
     def batches(self, batch_size, shuffle=False, generator=None, bucket_batches=50, pad_to=1):
         """Batches of similar-length sentences, padded only to the batch's longest
@@ -543,22 +571,113 @@ def usual_mode(bits):
     return bits & ~umask
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash leaves the old file whole.
-    The file gets the mode a plain open() would give (mkstemp's is 0600, and
-    libraries that replace the file, as safetensors does, drop a chmod made before)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
+class SaveError(UserError):
+    """A file could not be written (a full disk, a read-only or vanished directory):
+    one line naming the path and the operating system's reason. A caller that knows
+    what stays saved (a run's finished epochs) says so with kept()."""
+
+    def __init__(self, path, reason, kept="free some space or write elsewhere, then run it again"):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot save {path} ({reason}); {kept}")
+
+    def kept(self, text):
+        return SaveError(self.path, self.reason, text)
+
+
+def os_error_of(error, directory):
+    """The operating system's reason behind a failed write, or None when it was not
+    one: the error itself, the OSError it was raised from (torch.save into an open
+    file), a Rust library's "(os error N)" (safetensors), or a full disk found by
+    statvfs (torch.save into a path reports only a file position)."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found:
+        return os.strerror(int(found.group(1)))
+    if not isinstance(error, RuntimeError):  # what torch.save raises; anything else is no write failure
+        return None
     try:
+        status = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return os.strerror(errno.ENOSPC) if status.f_bavail == 0 else None
+
+
+def sync(path):
+    """fsync a file or a directory: its bytes (or its entries) on the disk, not only
+    in the page cache, so that a power cut cannot bring back an empty file under a
+    name a rename made. Directories a file system cannot sync are left as they are."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), fsync the file, rename it onto path and fsync the
+    directory: a crash or a power cut leaves the old file or the new one, each whole.
+    Any failure to write is a SaveError (the temporary file removed). The file gets
+    the mode a plain open() would give (mkstemp's is 0600, and libraries that
+    replace the file, as safetensors does, drop a chmod made before)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+        os.close(fd)
         write(tmp)
+        sync(tmp)
         os.chmod(tmp, usual_mode(0o666))
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        sync(directory)
+    except Exception as e:
+        reason = os_error_of(e, directory)
+        if reason is None:
+            raise
+        raise SaveError(path, reason) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_dir(path, write):
+    """Call write(tmp) on a new directory beside path, then put it in path's place
+    (replacing a directory there), its files synced first: a crash leaves the old
+    directory or the new one under path, never a half-written one. A failure to
+    write is a SaveError, as in atomic_write; the temporary directory is removed.
+    The files get a plain open()'s mode and the directory a plain mkdir()'s (mkdtemp's
+    0700 would keep others from reading it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.normpath(path)) + ".")
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                os.chmod(os.path.join(root, name), usual_mode(0o666))
+                sync(os.path.join(root, name))
+        os.chmod(tmp, usual_mode(0o777))
+        sync(tmp)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        tmp = None
+        sync(parent)
+    except Exception as e:
+        reason = os_error_of(e, parent)
+        if reason is None:
+            raise
+        raise SaveError(path, reason) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_json(path, obj):

@@ -1,7 +1,7 @@
 """Helpers shared by the test modules that run the command line (those that import
 it: a list here went stale twice): the real CoLA files, small copies of them,
 in-process CLI calls and training runs that several tests reuse (made once per
-session, whichever module asks first). Not a test module: it defines no tests."""
+test run, whichever module asks first). Not a test module: it defines no tests."""
 import itertools
 import os
 

@@ -5,8 +5,8 @@ its save_pretrained (or torch.save for the legacy .bin form), so the tests check
 model.py against the reference implementation, never against itself.
 """
 import os
-import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -18,28 +18,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One thread: on a small shared CPU, torch's OpenMP threads spin against any other
 # busy process and tiny models run ~30x slower. Subprocesses inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Hugging Face's cache stays where the user keeps it when XDG_CACHE_HOME moves to a
+# temporary folder for the tests' own cache (user_cache, below).
+os.environ.setdefault("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                              or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"))
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PROJECT_ROOT not in sys.path:
     sys.path.insert(0, PROJECT_ROOT)
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from utils import seed_everything, set_process_switches  # noqa: E402
+
 torch.set_num_threads(1)
+set_process_switches()  # as run.py and bench.py do
 
 EOT = 50256
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257,
             # wider than GPT-2's 0.02 so that logits are spread out (std ~0.8) and greedy
             # choices are never decided by float noise between two implementations
             initializer_range=0.1)
-
-
-def seed_all(seed=0):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Checkpoint:
 
 def _hf_model(seed, **config):
     from transformers import GPT2Config, GPT2LMHeadModel
-    seed_all(seed)
+    seed_everything(seed)
     return GPT2LMHeadModel(GPT2Config(**config)).eval()
 
 
@@ -61,10 +61,23 @@ def _save(hf, path):
     return Checkpoint(str(path), hf)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """XDG_CACHE_HOME for the tests' runs: the teachers' logits they cache go to a
+    temporary folder, never into the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield os.environ["XDG_CACHE_HOME"]
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed_each_test():
     """Every test starts from the same global RNG state, whatever ran before it."""
-    seed_all(0)
+    seed_everything(0)
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +88,11 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpt2_ckpt(tmp_path_factory):
-    """The real gpt2 (124M) shape, random weights: GPT2Config() defaults."""
-    return _save(_hf_model(4321), tmp_path_factory.mktemp("gpt2shape"))
+    """The real gpt2 (124M) shape, random weights: GPT2Config() defaults. Its ~500 MB
+    are removed when the test run ends, whether it passed or not."""
+    path = tmp_path_factory.mktemp("gpt2shape")
+    yield _save(_hf_model(4321), path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

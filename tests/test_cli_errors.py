@@ -252,7 +252,7 @@ def test_data_dir_that_is_a_file(sweep, tmp_path, capsys, mode):
 
 
 # ---------------------------------------------------------------------------
-# Flags suggested by meaning; other typos as before
+# Flags suggested by meaning; other typos by spelling
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("typed,meant", [
@@ -330,3 +330,45 @@ def test_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path, m
         lock_dir(str(directory)).__enter__()
     second.__exit__(None, None, None)
     assert not os.path.exists(directory)
+
+
+# ---------------------------------------------------------------------------
+# A run read back: its own mode, its moved base
+# ---------------------------------------------------------------------------
+
+def test_resume_of_another_modes_run_is_refused_before_any_work(sweep, tmp_path, capsys, monkeypatch):
+    """distil --resume in an rnn run's directory: refused at once, naming the rnn run,
+    before the data or a teacher is read."""
+    import modes
+    out = shutil.copytree(sweep[0], tmp_path / "rnn-run")
+    (out / "resume_state.pt").write_bytes(b"")  # as if interrupted
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("read data or a teacher before refusing")
+    monkeypatch.setattr(modes, "load_data", no_work)
+    monkeypatch.setattr(modes, "load_teacher", no_work)
+    code, stdout, err = cli(capsys, "distil", "--out-dir", out, "--resume", *common(tmp_path))
+    assert_error(code, stdout, err, f"{out} holds an rnn run", "run.py rnn --out-dir", "--resume")
+
+
+def test_predict_with_a_moved_base_names_it_and_weights(tmp_path, tmp_path_factory, tiny_ckpt, capsys):
+    import json
+    from cola import lora_subset_run
+    run = shutil.copytree(lora_subset_run(tmp_path_factory, tiny_ckpt.path), tmp_path / "LoRA")
+    config_path = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    moved = str(tmp_path / "moved-away" / "gpt2")
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": moved}))
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", run, "--device", "cpu", "A sentence.")
+    assert_error(code, stdout, err, moved, "base_model_name_or_path", "--weights")
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", run, "--device", "cpu", "--weights", tiny_ckpt.path,
+                            "A sentence.")
+    assert code == 0 and stdout.endswith("\tA sentence.\n"), err
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mounts"), reason="reads the mounts of Linux")
+def test_an_out_dir_in_proc_names_the_kernels_file_system(tmp_path, capsys):
+    code, out, err = cli(capsys, "rnn", "--out-dir", "/proc/x", *common(tmp_path))
+    line = assert_error(code, out, err, "--out-dir /proc/x cannot be written", "the kernel's proc file system",
+                        "pass another --out-dir")
+    assert "No such file or directory" not in line

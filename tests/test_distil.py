@@ -16,10 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cola import PROJECT_ROOT, STUDENT, SUBSET_ROWS, assert_error, cli, common, lora_subset_run, subset_dir
-import model as model_module
-from model import DistilRNN, RNNConfig, packed_relu_rnn, steps_in_python
+import rnn_steps
+from model import DistilRNN, RNNConfig
+from rnn_steps import packed_relu_rnn, steps_in_python
 from checkpoints import load_classifier, load_student
-from distil import DistilConfig, DistilLoss
+from distil import DistilConfig, DistilLoss, teacher_cache_dir
+from rundir import read_metrics
 from train_utils import accuracy, distillation_loss, evaluate
 from utils import Split, TokenizedSplit, encode, load_cola
 
@@ -182,7 +184,7 @@ def test_python_steps_give_the_kernels_numbers_bit_for_bit(autocast, pool, monke
     lengths = torch.tensor([5, 1, 9, 3, 9, 7])
     idx = torch.randint(0, 100, (6, 11))
     calls = []
-    monkeypatch.setattr(model_module, "packed_relu_rnn", lambda *a: calls.append(1) or packed_relu_rnn(*a))
+    monkeypatch.setattr(rnn_steps, "packed_relu_rnn", lambda *a: calls.append(1) or packed_relu_rnn(*a))
     results = []
     for model in (fast, kernel):
         torch.manual_seed(1)  # the same dropout masks for both
@@ -276,9 +278,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def teacher(tmp_path_factory, tmp_path, tiny_ckpt):
-    """A private copy of a one-epoch LoRA run on the subset (distil writes its cache into it)."""
+    """A private copy of a one-epoch LoRA run on the subset: a directory of its own, so
+    a logits cache of its own (teacher_cache_dir), which tests may change."""
     shared = lora_subset_run(tmp_path_factory, tiny_ckpt.path)
-    return shutil.copytree(shared, tmp_path / "teacher", ignore=shutil.ignore_patterns("teacher_logits"))
+    return shutil.copytree(shared, tmp_path / "teacher")
 
 
 def distil_args(data, teacher, out, tmp_path, *extra, plots=False):
@@ -287,13 +290,8 @@ def distil_args(data, teacher, out, tmp_path, *extra, plots=False):
             *common(tmp_path, plots), *extra]
 
 
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
-
-
 def cache_files(teacher):
-    cache = os.path.join(teacher, "teacher_logits")
+    cache = teacher_cache_dir(teacher)
     return {name: os.stat(os.path.join(cache, name)).st_mtime_ns for name in sorted(os.listdir(cache))}
 
 
@@ -386,7 +384,7 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     assert {"mode", "args", "params", "epochs", "best_epoch", "teacher", "distillation"} <= set(metrics)
     assert metrics["params"]["total"] == metrics["params"]["trainable"] > 0
     assert {k: metrics["distillation"][k] for k in ("alpha", "temperature", "loss", "augment")} == \
-        {"alpha": 0.5, "temperature": 2.0, "loss": "mse", "augment": 0}  # mse: the default since issue #17
+        {"alpha": 0.5, "temperature": 2.0, "loss": "mse", "augment": 0}  # mse: the default loss
     assert metrics["distillation"]["transfer_sentences"] == SUBSET_ROWS["train"]
     for epoch in metrics["epochs"]:
         assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_mcc", "seconds",
@@ -406,8 +404,8 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     # the teacher record and the agreement, recomputed from the cached teacher logits
     teacher_record = metrics["teacher"]
     assert teacher_record["source"] == os.path.abspath(teacher)
-    val_cache = next(n for n in os.listdir(os.path.join(teacher, "teacher_logits")) if n.startswith("val-"))
-    teacher_predictions = torch.from_numpy(np.load(os.path.join(teacher, "teacher_logits", val_cache))).argmax(-1)
+    val_cache = next(n for n in os.listdir(teacher_cache_dir(teacher)) if n.startswith("val-"))
+    teacher_predictions = torch.from_numpy(np.load(os.path.join(teacher_cache_dir(teacher), val_cache))).argmax(-1)
     _, val = load_cola(data, "in")
     assert teacher_record["val_acc"] == pytest.approx(accuracy(teacher_predictions, val.labels), abs=1e-9)
     student, _ = load_student(str(out))
@@ -432,6 +430,56 @@ def test_distil_end_to_end(data, teacher, tmp_path, capsys):
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
 
 
+def tree_state(directory):
+    """(path, size, modification time) of everything under directory."""
+    state = []
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            status = os.stat(path)
+            state.append((os.path.relpath(path, directory), status.st_size, status.st_mtime_ns))
+    return sorted(state)
+
+
+def test_the_teachers_directory_is_never_written(data, teacher, tmp_path, capsys, user_cache):
+    """distil caches the logits under the user's cache folder, never inside TEACHER/;
+    TEACHER/adapter is taken as the run it belongs to: the same teacher, the same cache."""
+    before = tree_state(teacher)
+    code, _, err = cli(capsys, *distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1"))
+    assert code == 0, err
+    assert err.count("running the teacher") == 2
+    assert tree_state(teacher) == before
+    cache = teacher_cache_dir(teacher)
+    assert os.path.commonpath([cache, user_cache]) == user_cache and len(os.listdir(cache)) == 2
+    adapter = os.path.join(teacher, "adapter")
+    code, _, err = cli(capsys, *distil_args(data, adapter, tmp_path / "from-adapter", tmp_path, "--epochs", "1"))
+    assert code == 0, err
+    assert f"--teacher {adapter} is the adapter of the LoRA run {teacher}: taken as that run" in err
+    assert "running the teacher" not in err and err.count("from cache") == 2  # its cache, not a new one
+    assert read_metrics(tmp_path / "from-adapter")["teacher"]["source"] == os.path.abspath(teacher)
+    assert tree_state(teacher) == before
+
+
+def test_a_lora_teacher_loads_gpt2_once(data, teacher, tmp_path, capsys, monkeypatch):
+    """--init-embeddings teacher with a LoRA teacher that must label: its GPT-2 is read
+    once, for both the student's first vectors and the teacher's logits."""
+    import checkpoints
+    import distil
+    real_load_gpt, loads = checkpoints.load_gpt, []
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real_load_gpt(*args, **kwargs)
+    for module in (checkpoints, distil):  # wherever it is looked up
+        monkeypatch.setattr(module, "load_gpt", counted, raising=False)
+    # no --rnn-embd: the student takes the base's width, starting from its vectors
+    code, _, err = cli(capsys, "distil", "--rnn-hidden", "32", "--epochs", "1", "--data-dir", data,
+                       "--teacher", teacher, "--out-dir", tmp_path / "distil", "--augment", "0",
+                       "--init-embeddings", "teacher", *common(tmp_path))
+    assert code == 0, err
+    assert "running the teacher" in err and len(loads) == 1, loads
+
+
 def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     # float32, pinned: the cache is compared with the teacher's own float32 logits below
@@ -443,7 +491,7 @@ def test_teacher_cache_written_reused_and_invalidated(data, teacher, tmp_path, c
     first = cache_files(teacher)
     assert [n.split("-")[0] for n in first] == ["train", "val"] and all(n.endswith(".npy") for n in first)
     assert len({n.split("-")[1] for n in first}) == 1  # one teacher key
-    cache = os.path.join(teacher, "teacher_logits")
+    cache = teacher_cache_dir(teacher)
     train_name = next(iter(first))
     train_logits = np.load(os.path.join(cache, train_name))
     assert train_logits.shape == (SUBSET_ROWS["train"], 2) and train_logits.dtype == np.float32
@@ -484,7 +532,7 @@ def test_corrupt_teacher_cache_is_rebuilt(data, teacher, tmp_path, capsys):
     args = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--overwrite")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
-    cache = os.path.join(teacher, "teacher_logits")
+    cache = teacher_cache_dir(teacher)
     names = sorted(os.listdir(cache))
     train_path = os.path.join(cache, names[0])
     original = np.load(train_path)
@@ -570,7 +618,7 @@ def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher
         assert code == 0, err
         assert err.count("running the teacher") == computed, (val_split, err)
     assert len(cache_files(teacher)) == 3  # train, val in, val out
-    float32_logits = {name.split("-")[0]: np.load(os.path.join(teacher, "teacher_logits", name))
+    float32_logits = {name.split("-")[0]: np.load(os.path.join(teacher_cache_dir(teacher), name))
                       for name in cache_files(teacher) if "val" not in name}
     # the same teacher under bf16 autocast (any machine: --dtype forces it): a key of its own,
     # so the float32 files of this teacher are replaced, never read as bf16 ones
@@ -580,7 +628,7 @@ def test_teacher_cache_keeps_other_splits_and_separates_precisions(data, teacher
     assert len({name.split("-")[1] for name in cache_files(teacher)}) == 1  # the other key's files went
     metrics = read_metrics(tmp_path / "distil")
     assert metrics["teacher"]["precision"] == metrics["environment"]["precision"] == "bf16-autocast"
-    bf16_logits = {name.split("-")[0]: np.load(os.path.join(teacher, "teacher_logits", name))
+    bf16_logits = {name.split("-")[0]: np.load(os.path.join(teacher_cache_dir(teacher), name))
                    for name in cache_files(teacher) if "val" not in name}
     assert not np.array_equal(bf16_logits["train"], float32_logits["train"])  # really computed in bf16
     code, _, err = cli(capsys, *args)
@@ -606,7 +654,7 @@ def test_teacher_labelling_shows_progress_unless_no_progress(data, teacher, tmp_
     code, _, err = cli(capsys, *argv)
     assert code == 0, err
     assert "teacher:" in err and "sentence/s" in err  # tqdm's bar, labelled, in sentences
-    shutil.rmtree(os.path.join(teacher, "teacher_logits"))
+    shutil.rmtree(teacher_cache_dir(teacher))
     code, _, err = cli(capsys, *argv, "--no-progress", "--overwrite")
     assert code == 0, err
     assert "teacher:" not in err and "running the teacher" in err
@@ -621,7 +669,7 @@ def test_ctrl_c_while_the_teacher_labels_keeps_the_batches_done(data, teacher, t
     argv = distil_args(data, teacher, tmp_path / "distil", tmp_path, "--epochs", "1", "--dtype", "float32")
     code, _, err = cli(capsys, *argv)
     assert code == 0, err
-    cache = os.path.join(teacher, "teacher_logits")
+    cache = teacher_cache_dir(teacher)
     whole = {name: np.load(os.path.join(cache, name)) for name in cache_files(teacher)}
     shutil.rmtree(cache)
     real_logits, calls = distil.LoRATeacher.logits, []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cola import STUDENT, assert_error, cli, cola_dir, common, subset_dir
-from distil import AugmentConfig, augment, drop_duplicates
+from distil import AugmentConfig, augment, drop_duplicates, teacher_cache_dir
 from utils import load_cola
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -57,7 +57,8 @@ def test_hf_teacher_end_to_end_on_real_cola(tiny_bert, tmp_path, tmp_path_factor
     assert f"{dropped} duplicates dropped" in err
     assert all("val_agreement" in e for e in metrics["epochs"])
 
-    cache = os.path.join(teacher, "teacher_logits")
+    assert sorted(os.listdir(teacher)) == sorted(os.listdir(tiny_bert))  # the teacher's directory as it was
+    cache = teacher_cache_dir(teacher)
     names = cache_names(cache)
     assert [n.split("-")[0] for n in names] == ["augment", "train", "val"]
     logits = {n.split("-")[0]: np.load(os.path.join(cache, n)) for n in names}

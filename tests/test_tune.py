@@ -205,3 +205,71 @@ def test_a_sweep_of_one_number_is_plotted_as_a_curve(tmp_path, capsys, monkeypat
     code, _, err = cli(capsys, "tune-report", other, "--plots-dir", tmp_path)
     assert code == 0, err
     assert len(bars) == 1 and len(curves) == 1
+
+
+def test_compare_of_one_seed_prints_no_std(tmp_path, capsys):
+    """The spread of a single value is undefined: one seed a side prints n=1, never "± 0.0000"."""
+    write_run(tmp_path / "a", seed=0, mcc=0.1477, acc=0.70)
+    write_run(tmp_path / "b", seed=0, mcc=0.2000, acc=0.72)
+    code, out, err = cli(capsys, "compare", tmp_path / "a", tmp_path / "b", "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    assert "±" not in out
+    mcc_line = next(line for line in out.splitlines() if line.startswith("val_mcc:"))
+    assert "A 0.1477" in mcc_line and "B 0.2000" in mcc_line and "n=1, no std" in mcc_line
+
+
+def with_student(path, **student):
+    """Give the metrics.json at path a "student" record (what rnn and distil write) and rnn's args."""
+    metrics_path = os.path.join(path, "metrics.json")
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    cell = student.pop("rnn_type", "rnn")
+    metrics["student"] = {"init_embeddings": "random", "n_embd": 768, "vocab_size": 50257, **student}
+    metrics["args"].update({"rnn_type": cell, "rnn_hidden": 256, "rnn_layers": 1, "bidirectional": False})
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f)
+
+
+def test_compare_warns_in_one_line_when_the_students_differ(tmp_path, capsys):
+    a = sweep(tmp_path, "rnn", MCC_A, ACC_A)
+    b = sweep(tmp_path, "distil", MCC_B, ACC_B, mode="distil", teacher_mcc=0.3)
+    for seed in range(5):
+        with_student(a / f"seed-{seed}")
+        with_student(b / f"seed-{seed}", init_embeddings="teacher", n_embd=384, vocab_size=30522, rnn_type="gru")
+    code, out, err = cli(capsys, "compare", a, b, "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    for named in ("tokenizer: A 50257 tokens, B 30522 tokens", "starting vectors: A random, B teacher",
+                  "embedding width: A 768, B 384", "cell: A rnn, B gru"):
+        assert named in warnings[0], (named, warnings[0])
+    assert "hidden width" not in warnings[0]  # the same on both sides
+    # the same students on both sides (distil --teacher X against rnn --teacher X): no warning
+    for seed in range(5):
+        with_student(b / f"seed-{seed}", init_embeddings="teacher", n_embd=384, vocab_size=30522)
+        with_student(a / f"seed-{seed}", init_embeddings="teacher", n_embd=384, vocab_size=30522)
+    code, out, err = cli(capsys, "compare", a, b, "--plots-dir", tmp_path / "plots")
+    assert code == 0 and "warning:" not in err, err
+
+
+def test_a_sweep_logs_each_run_under_its_own_name(tmp_path_factory, tmp_path, capsys):
+    """--tune with --log-dir DIR: each run's steps.csv and epochs.csv in DIR/<run's name>/, none shared."""
+    import csv
+    logs = tmp_path / "logs"
+    code, _, err = cli(capsys, "rnn", *STUDENT, "--epochs", "2", "--data-dir", subset_dir(tmp_path_factory),
+                       "--tuning-dir", tmp_path / "tuning", "--out-dir", tmp_path / "sweep", "--log-dir", logs,
+                       "--tune", "seed=0,1", *common(tmp_path))
+    assert code == 0, err
+    assert sorted(os.listdir(logs)) == ["seed-0", "seed-1"]
+    epochs = {}
+    for name in ("seed-0", "seed-1"):
+        with open(logs / name / "epochs.csv", newline="") as f:
+            epochs[name] = list(csv.DictReader(f))
+        with open(tmp_path / "sweep" / name / "metrics.json") as f:
+            metrics = json.load(f)
+        assert [int(row["epoch"]) for row in epochs[name]] == [1, 2]
+        assert [float(row["val_mcc"]) for row in epochs[name]] == \
+            pytest.approx([e["val_mcc"] for e in metrics["epochs"]], abs=1e-6)
+        with open(logs / name / "steps.csv", newline="") as f:
+            assert int(list(csv.DictReader(f))[0]["step"]) == 1
+    assert epochs["seed-0"] != epochs["seed-1"]
