@@ -11,12 +11,15 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file
 
-from hub import gpt2_directory
+from hub import gpt2_directory, looks_like_hub_id
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, GPTConfig, LoRAConfig, RNNConfig, WeightsError, add_lora,
                    lora_layers, merge_lora, set_trainable)
-from utils import GPT2_TOKENS, one_line, save_json, save_tensors, usual_mode
+from utils import GPT2_TOKENS, SaveError, one_line, save_json, save_tensors, sync, usual_mode
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
+# files a Hugging Face tokenizer directory may carry its vocabulary in
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -41,14 +44,19 @@ def save_lora_adapter(classifier, adapter_dir, base, lora: LoRAConfig):
     peft.PeftModel.from_pretrained(GPT2ForSequenceClassification(base), adapter_dir)
     reproduces our classifier."""
     tensors = {peft_name(name): p for name, p in trainable_state(classifier).items()}
-    save_tensors(os.path.join(adapter_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     modules_to_save = ["score"] + (list(LAYERNORMS) if lora.train_layernorm else [])
+    # GPT-2's checkpoints store these layers as Conv1D, (in, out)
+    write_peft_adapter(adapter_dir, tensors, base, lora, modules_to_save, fan_in_fan_out=True)
+
+
+def write_peft_adapter(adapter_dir, tensors, base, lora: LoRAConfig, modules_to_save, fan_in_fan_out):
+    """adapter_model.safetensors (tensors, keyed as PEFT saves them) and adapter_config.json."""
+    save_tensors(os.path.join(adapter_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     save_json(os.path.join(adapter_dir, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-        "target_modules": list(lora.targets), "modules_to_save": modules_to_save,
-        # GPT-2's checkpoints store these layers as Conv1D, (in, out)
-        "fan_in_fan_out": True, "bias": "none", "init_lora_weights": True, "inference_mode": True,
+        "target_modules": list(lora.targets), "modules_to_save": list(modules_to_save),
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     })
@@ -139,6 +147,9 @@ def load_lora_classifier(adapter_dir, weights=None):
     base = weights or config.get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{adapter_dir}/adapter_config.json names no base model; pass --weights DIR")
+    if not weights and not os.path.isdir(base) and not looks_like_hub_id(base):
+        raise CheckpointError(f"{adapter_dir}: its base GPT-2 {base} (adapter_config.json's base_model_name_or_path) "
+                              "does not exist, moved or removed; pass --weights DIR, the base it was trained on")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     gpt = load_gpt(base)
@@ -203,18 +214,27 @@ class HFTokens:
         return [row or [self.unk_id] for row in ids]
 
     def save(self, out_dir):
-        """tokenizer.save_pretrained(OUT/tokenizer), written beside and renamed in."""
+        """tokenizer.save_pretrained(OUT/tokenizer), written beside, synced and renamed
+        in (a SaveError when it cannot be written)."""
         final = os.path.join(out_dir, TOKENIZER_DIR)
-        tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.")
+        tmp = None
         try:
+            tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.")
             self.tokenizer.save_pretrained(tmp)
+            for name in os.listdir(tmp):
+                sync(os.path.join(tmp, name))
             os.chmod(tmp, usual_mode(0o777))  # mkdtemp's 0700 would keep others from reading the run
+            sync(tmp)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            tmp = None
+            sync(out_dir)
+        except OSError as e:
+            raise SaveError(final, e.strerror or one_line(e)) from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_student(student, out_dir, tokenizer=GPT2_TOKENS, extra=None):
@@ -272,6 +292,12 @@ def load_classifier(checkpoint, weights=None, merge=False):
         raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
     adapter_dir = find_adapter_dir(checkpoint)
     if adapter_dir is not None:
+        import hf_lora  # LoRA on a Hugging Face encoder; it builds on this file's readers
+        if hf_lora.is_hf_adapter(adapter_dir, weights):
+            model, tokenizer, base = hf_lora.load_adapter_classifier(adapter_dir, weights)
+            if merge:
+                merge_lora(model)
+            return model, tokenizer, f"{base.model_type} + LoRA ({base.source}{', merged' if merge else ''})"
         model, base = load_lora_classifier(adapter_dir, weights)
         if merge:
             merge_lora(model)

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import re
-import stat
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -16,8 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, HFTokens, find_adapter_dir, gpt2_files, load_gpt, load_lora_classifier, read_json
+from checkpoints import (TOKENIZER_FILES, CheckpointError, HFTokens, find_adapter_dir, gpt2_files,
+                         load_lora_classifier, read_json)
+import hf_lora
 from hub import TEACHER_HINT, gpt2_directory, hub_directory, looks_like_hub_id
+from model import merge_lora
 from train_utils import (accuracy, autocast_for, distillation_loss, infer, matthews_corrcoef, precision_of,
                          resolve_precision, tf32_products)
 from utils import (EOT_TEXT, GPT2_TOKENS, Split, TokenizedSplit, atomic_write, barrier, info, is_main_process, one_line,
@@ -38,7 +40,7 @@ class AugmentConfig:
 class DistilConfig:
     teacher: str = "runs/LoRA"     # a LoRA run's out dir or a Hugging Face classifier directory
     teacher_logits: str = None     # or a .npy of the training sentences' logits (then no teacher, no augmentation)
-    teacher_cache: str = None      # default: next to the teacher, or the user's cache for a read-only one
+    teacher_cache: str = None      # default: the user's cache (teacher_cache_dir), never the teacher's directory
     alpha: float = 0.5             # weight of the teacher term; 0 = labels only, i.e. rnn
     alpha_real: float = None       # the teacher's weight on the real training sentences (None: alpha)
     temperature: float = 2.0
@@ -69,7 +71,6 @@ class LoRATeacher:
     (--init-embeddings teacher) reads GPT-2's tokenizer and starts from the base's
     token embeddings, as --init-embeddings gpt2 with that base."""
     mask_token = EOT_TEXT
-    from_hub = False
 
     def __init__(self, run_dir, weights=None):
         self.directory, self.weights = run_dir, weights
@@ -99,26 +100,25 @@ class LoRATeacher:
     def student_tokenizer(self):
         return GPT2_TOKENS
 
-    def input_embeddings(self):
-        """The base GPT-2's token embeddings, (vocab, width)."""
-        return load_gpt(self.base).transformer.wte.weight.detach().t()
-
-    def logits(self, texts, device, precision):
+    @property
+    def model(self):
+        """The classifier, loaded once: it gives both the student's first embeddings and the logits."""
         if self._model is None:
             self._model, _ = load_lora_classifier(self.adapter_dir, self.weights)
-        model = self._model.to(device)
+        return self._model
+
+    def input_embeddings(self):
+        """The base GPT-2's token embeddings, (vocab, width) (the adapters leave them as they are)."""
+        return self.model.gpt.transformer.wte.weight.detach().t()
+
+    def logits(self, texts, device, precision):
+        model = self.model.to(device)
         return infer(model, TokenizedSplit.of_texts(texts, model.max_len).batches(128), device, precision)[0]
-
-
-# files a Hugging Face tokenizer directory may carry its vocabulary in
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
 
 
 class HFTeacher:
     """Any local Hugging Face sequence classifier with 2 labels (BERT, MiniLM,
     RoBERTa, a fine-tuned GPT-2, ...) as the teacher, with its own tokenizer."""
-    from_hub = False  # True for a hub id's snapshot: its logits are cached outside the Hugging Face cache
 
     def __init__(self, directory):
         self.directory = directory
@@ -211,13 +211,63 @@ class HFTeacher:
         return out
 
 
+class HFLoRATeacher(HFTeacher):
+    """A LoRA run on a Hugging Face encoder (run.py LoRA --base) as the teacher: its
+    base with the adapters merged, read with the base's tokenizer, as any Hugging
+    Face teacher (--init-embeddings teacher: the base's input embeddings)."""
+
+    def __init__(self, run_dir, weights=None):
+        self.directory, self.weights = run_dir, weights
+        self.adapter_dir = find_adapter_dir(run_dir)
+        self.base = hf_lora.adapter_hf_base(self.adapter_dir, weights)
+        self.architecture = f"{self.base.model_type} + LoRA"
+        self.description = f"{self.architecture} from {run_dir}"
+        self.source = os.path.abspath(run_dir)
+        self._tokenizer = self._model = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = hf_lora.load_tokenizer(self.base.directory)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = merge_lora(hf_lora.load_adapter_classifier(self.adapter_dir, self.weights)[0]).hf
+        return self._model
+
+    def key(self):
+        """Digest of the adapter files and the base's (path, size and modification time, as LoRATeacher's)."""
+        digest = hashlib.sha256()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            digest.update(sha256_of_file(os.path.join(self.adapter_dir, name)).encode())
+        for name in sorted(os.listdir(self.base.directory)):
+            path = os.path.join(self.base.directory, name)
+            if os.path.isfile(path):
+                status = os.stat(path)
+                digest.update(f"{os.path.realpath(path)}:{status.st_size}:{status.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+
+def run_of_adapter(directory):
+    """A LoRA run's adapter/ named as the teacher stands for the run itself: the same
+    teacher, so the same logits cache and the same record."""
+    parent = os.path.dirname(os.path.normpath(directory)) or "."
+    if os.path.basename(os.path.normpath(directory)) == "adapter" and \
+            find_adapter_dir(parent) == os.path.join(parent, "adapter"):
+        info(f"note: --teacher {directory} is the adapter of the LoRA run {parent}: taken as that run")
+        return parent
+    return directory
+
+
 def load_teacher(directory, weights=None):
     """The teacher in directory: a LoRA run, or a Hugging Face classifier; or the hub
     id of a classifier ("owner/name"), downloaded once into the Hugging Face cache."""
     if not os.path.exists(directory) and "/" in directory and looks_like_hub_id(directory):
         hub_id = directory
         teacher = HFTeacher(hub_directory(hub_id, TEACHER_HINT.replace("ID", hub_id)))
-        teacher.source, teacher.from_hub = hub_id, True
+        teacher.source = hub_id
         teacher.description = f"{teacher.architecture} from the hub ({hub_id})"
         return teacher
     if os.path.isfile(directory):
@@ -226,7 +276,10 @@ def load_teacher(directory, weights=None):
     if not os.path.isdir(directory):
         raise CheckpointError(f"teacher {directory} does not exist; train one with `python run.py LoRA`, or "
                               "pass --teacher DIR (a LoRA run or a Hugging Face classifier) or --teacher-logits FILE")
+    directory = run_of_adapter(directory)
     if find_adapter_dir(directory) is not None:
+        if hf_lora.is_hf_adapter(find_adapter_dir(directory), weights):
+            return HFLoRATeacher(directory, weights)
         return LoRATeacher(directory, weights)
     if os.path.isfile(os.path.join(directory, "config.json")):
         return HFTeacher(directory)
@@ -238,13 +291,10 @@ def load_teacher(directory, weights=None):
 # The teacher's logits, cached
 # ---------------------------------------------------------------------------
 
-def teacher_cache_dir(teacher_dir, from_hub=False):
-    """Where a teacher's logits are cached: next to it, or in the user's cache when
-    its directory is read-only (a shared teacher) or the Hugging Face cache's. The
-    mode bits decide, not os.access, which says yes to root whatever the bits."""
-    own = os.path.join(teacher_dir, "teacher_logits")
-    if not from_hub and os.access(teacher_dir, os.W_OK) and os.stat(teacher_dir).st_mode & stat.S_IWUSR:
-        return own
+def teacher_cache_dir(teacher_dir):
+    """Where a teacher's logits are cached unless --teacher-cache says: in the user's
+    cache, one folder per teacher directory. Never inside the teacher's directory,
+    which may be shared, or the Hugging Face cache's snapshot."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     name = hashlib.sha256(os.path.realpath(teacher_dir).encode()).hexdigest()[:16]
     return os.path.join(base, "gpt2-lora-distil", "teacher_logits", name)
@@ -490,7 +540,7 @@ def teacher_targets(teacher, train_set, val_set, device, cfg: DistilConfig, dtyp
     texts = {"train": train_set.split.sentences, "val": val_set.split.sentences}
     if synthetic:
         texts["augment"] = [s.render(teacher.mask_token) for s in synthetic]
-    cache_dir = cfg.teacher_cache or teacher_cache_dir(teacher.directory, teacher.from_hub)
+    cache_dir = cfg.teacher_cache or teacher_cache_dir(teacher.directory)
     start = time.time()
     if is_main_process():
         logits = cached_teacher_logits(teacher, texts, cache_dir, device, dtype, progress)

@@ -3,22 +3,24 @@ flags). A training mode returns a Task, what the one generic run (`train`, below
 needs: the model, its loss, how its weights are saved and its own metrics.json
 fields. Read top-down, a mode is a straight line: mode, train, then fit's loop
 (train_utils.py). predict and eval classify with a saved checkpoint."""
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
+import hf_lora
 from checkpoints import CheckpointError, load_classifier, load_gpt, save_lora_adapter, save_student
+from deploy import is_export
 from distil import DistilConfig, DistilLoss, load_teacher, teacher_from_file, teacher_targets
+from export import evaluate_export
 from hub import HUB_IDS
 from model import PRESETS, DistilRNN, GPTClassifier, LoRAConfig, RNNConfig, add_lora, set_trainable, \
     store_frozen_in_bf16
 from rundir import RunConfig, TrainingLog, new_record, plot_history, write_metrics
 from train_utils import (TrainConfig, accuracy, cross_entropy_loss, evaluate, fit, infer, resolve_precision)
 from utils import (GPT2_TOKENS, DataConfig, TokenizedSplit, UserError, info, init_distributed, is_main_process,
-                   keep_freed_memory, load_cola, resolve_device, save_json, seed_everything, world)
+                   load_cola, resolve_device, save_json, seed_everything, world)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,21 @@ def lora(gpt: GPTSource, cfg: LoRAConfig, data: DataConfig, device, dtype="auto"
                 record={"lora": {**asdict(cfg), "targets": list(cfg.targets), "base": gpt.base}})
 
 
+def lora_hf(base: hf_lora.HFBase, cfg: LoRAConfig, data: DataConfig, device, dtype="auto"):
+    """LoRA on a Hugging Face encoder (hf_lora.py): its base frozen, adapters on
+    base.targets and its classification head trained on CoLA's labels, read with the
+    base's own tokenizer."""
+    classifier, tokenizer = hf_lora.lora_classifier(base, cfg)
+    splits = load_data(data, classifier.max_len, tokenizer)
+    classifier.to(device)
+    if resolve_precision(device, dtype) == "bfloat16":
+        store_frozen_in_bf16(classifier)
+    return Task(classifier, splits,
+                save=lambda out_dir: hf_lora.save_adapter(classifier, os.path.join(out_dir, "adapter"), base, cfg),
+                record={"lora": {**asdict(cfg), "targets": list(base.targets), "base": base.source,
+                                 "model_type": base.model_type}})
+
+
 def student_start(cfg: RNNConfig, init_embeddings="random", gpt: GPTSource = None, teacher=None):
     """What the student starts from, read before any data (a bad source is the
     quicker mistake to report): (tokenizer, token embeddings (vocab, width) or None
@@ -120,14 +137,11 @@ def student(cfg: RNNConfig, seed, tokenizer=GPT2_TOKENS, embeddings=None, device
     """A fresh DistilRNN over tokenizer's vocabulary, seeded right before so rnn and
     distil start from the same weights whatever ran before; its embeddings
     optionally from another model's (student_start), its width settled by
-    student_width; on device. To be trained on a CPU: the process keeps freed memory
-    from then on (keep_freed_memory), so its steps reuse the embedding's gradient."""
+    student_width; on device."""
     seed_everything(seed)
     model = DistilRNN(replace(student_width(cfg, embeddings), vocab_size=tokenizer.vocab_size))
     if embeddings is not None:
         model.init_embeddings(embeddings)
-    if device.type == "cpu":
-        keep_freed_memory()
     return model.to(device)
 
 
@@ -194,7 +208,7 @@ def train(mode, task: Task, run: RunConfig, cfg: TrainConfig, device):
              f"({100 * params['trainable'] / params['total']:.2f}% of them)")
 
     train_set, val_set = task.data
-    log = TrainingLog(run.log_dir, math.ceil(len(train_set) / cfg.batch_size), run.resume) \
+    log = TrainingLog(run.log_dir, cfg.steps_per_epoch(len(train_set)), run.resume) \
         if run.log_dir and is_main_process() else None
 
     def epoch_end(history, is_best, val):
@@ -206,9 +220,7 @@ def train(mode, task: Task, run: RunConfig, cfg: TrainConfig, device):
         if log is not None:
             log.epoch(history[-1])
 
-    history = fit(task.model, train_set, val_set, cfg, device, loss_fn=task.loss_fn, on_epoch_end=epoch_end,
-                  progress=run.progress, state_path=run.state_path, resume=run.resume, signature=run.signature,
-                  signature_defaults=run.signature_defaults, stop_after=run.stop_after, compile=run.compile,
+    history = fit(task.model, task.data, cfg, device, loss_fn=task.loss_fn, loop=run, on_epoch_end=epoch_end,
                   on_steps=log.steps if log is not None else None)
     if not is_main_process():
         return record
@@ -249,11 +261,16 @@ def evaluate_checkpoint(checkpoint, data: DataConfig, output=None, device_name="
     """A checkpoint's loss, accuracy, MCC and confusion on a validation split,
     printed and written as JSON (default CHECKPOINT/eval_<split>.json)."""
     device = resolve_device(device_name)
-    model, tokenizer, description = load_classifier(checkpoint, weights)
-    model.to(device)
+    exported = is_export(checkpoint)  # an ONNX export: onnxruntime computes the logits, as deployed
+    if not exported:
+        model, tokenizer, description = load_classifier(checkpoint, weights)
+        model.to(device)
     _, val = load_cola(data.data_dir, data.val_split)
-    result = evaluate(model, TokenizedSplit(val, model.max_len, tokenizer=tokenizer).batches(batch_size), device,
-                      resolve_precision(device, dtype))
+    if exported:
+        result, description = evaluate_export(checkpoint, val, batch_size)
+    else:
+        result = evaluate(model, TokenizedSplit(val, model.max_len, tokenizer=tokenizer).batches(batch_size), device,
+                          resolve_precision(device, dtype))
     (tn, fp), (fn, tp) = result["confusion"]
     print(f"checkpoint: {checkpoint} ({description})")
     print(f"data: {val.source} ({result['n']} sentences)")
