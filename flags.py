@@ -125,8 +125,48 @@ def check_path(flag, path, kind="dir", exists=False, write=False, what=None):
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=target))
     except OSError as e:
-        raise UserError(f"{flag} {path} cannot be written: {target} is not writable ({e.strerror}); "
+        raise UserError(f"{flag} {path} cannot be written: {target} is not writable ({why_not_writable(target, e)}); "
                         f"pass another {flag}") from None
+
+
+# File systems of the kernel's own (processes, devices, control groups...), which hold no user files
+VIRTUAL_FILE_SYSTEMS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "debugfs", "tracefs", "securityfs",
+                        "pstore", "bpf", "configfs", "fusectl", "mqueue", "efivarfs", "binfmt_misc")
+
+
+def mount_of(path):
+    """(mount point, file system type, options) of the mount that holds path, from
+    /proc/self/mounts; None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best = None
+    for fields in mounts:
+        if len(fields) < 4:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # "\040" is a space
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fields[2], fields[3].split(","))
+    return best
+
+
+def why_not_writable(directory, error):
+    """Why nothing can be created in directory, in words: a virtual or read-only file
+    system says so, where the operating system's own reason (ENOENT for /proc) would
+    puzzle; anything else is that reason."""
+    mount = mount_of(directory)
+    if mount is not None:
+        point, kind, options = mount
+        where = "it is" if os.path.realpath(directory) == point else f"it lies in {point},"
+        if kind in VIRTUAL_FILE_SYSTEMS:
+            return f"{where} the kernel's {kind} file system, which holds no files"
+        if "ro" in options:
+            return f"{where} mounted read-only"
+    return error.strerror or str(error)
 
 
 def given_flags(parser, mode, argv):

@@ -1,4 +1,4 @@
-"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval|tune-report|compare ...
+"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval|export|tune-report|compare ...
 
 The only place that sees the flags: it parses them, validates every one before any
 file is read, turns them into typed configs (each default set once, in its
@@ -7,20 +7,25 @@ model.py's GPT) and tune.py (sweeps and comparisons). Every known problem become
 one-line error (exit status 2).
 """
 import os
+import signal
 import sys
 
 import torch
 
+import deploy
+import export
+import hf_lora
 import modes
 import tune
 from checkpoints import CheckpointError
 from distil import AugmentConfig, DistilConfig
 from flags import Parser, check_path, given_flags, seed_value
 from model import EMBD_CHANNELS, POOLS, PRESETS, LoRAConfig, RNNConfig, WeightsError, lora_targets
-from rundir import RunConfig, claim_out_dir, read_metrics
+from rundir import RunConfig, claim_out_dir, read_metrics, what_is_kept
 from train_utils import DTYPES, Interrupted, ResumeError, TrainConfig, autocast_for, resolve_precision, tf32_products
-from utils import (DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, UserError, encode, info, is_main_process,
-                   lock_dir, print_samples, resolve_device, seed_everything)
+from utils import (DEFAULT_DATA_DIR, EOT_TOKEN, VOCAB_SIZE, DataConfig, SaveError, UserError, encode, info,
+                   is_main_process, keep_freed_memory, lock_dir, one_line, print_samples, resolve_device,
+                   seed_everything, set_process_switches)
 
 # Flags that steer a run without changing what it computes: they may differ on --resume.
 RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plots_dir", "no_plots", "tune",
@@ -28,7 +33,8 @@ RUN_CONTROL = ("resume", "stop_after", "no_progress", "device", "out_dir", "plot
 # Settings added to the flags after runs were already being saved, with the value such
 # a run behaved as: it resumes under that value instead of being refused as changed.
 ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "embd_weight_decay": None,
-                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained", "teacher": None, "kd_alpha_real": None}
+                  "pool": "last", "rnn_mlp": 0, "embd_channels": "trained", "teacher": None, "kd_alpha_real": None,
+                  "base": None}
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 # User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
@@ -52,8 +58,10 @@ def add_common(p):
 
 def add_dtype(p, auto="tf32 products on CUDA, bfloat16 autocast on CPUs with AMX, float32 elsewhere"):
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help=f"compute precision: auto = the faster, as measured: {auto}; float32 gives exactly the "
-                        f"reference implementation's numbers (default auto)")
+                   help=f"compute precision: auto = the faster, as measured: {auto}; float32 = IEEE float32 for "
+                        f"every product on every device (TF32 off, cuDNN's RNNs included); tf32 = TF32 products on "
+                        f"CUDA, float32 elsewhere; bfloat16 = bf16 autocast (a student's RNN stays float32 on CUDA); "
+                        f"metrics.json records what ran (default auto)")
 
 
 WEIGHTS_DIR = "a local Hugging Face GPT-2 directory (config.json + model.safetensors)"
@@ -86,14 +94,20 @@ def build_parser():
     add_dtype(gen, auto="bfloat16 autocast on CUDA, float32 on CPU (where decoding is bound by memory)")
     add_common(gen)
 
-    lora = modes_.add_parser("LoRA", help="fine-tune GPT-2 on CoLA with LoRA adapters")
+    lora = modes_.add_parser("LoRA", help="fine-tune GPT-2, or any Hugging Face encoder, on CoLA with LoRA adapters")
     add_gpt_source(lora)
+    lora.add_argument("--base", metavar="DIR_OR_HUB_ID",
+                      help="any Hugging Face encoder or classifier that AutoModelForSequenceClassification loads "
+                           "(BERT, MiniLM, RoBERTa, DistilBERT, ...): a directory with its tokenizer, or a hub id "
+                           "(the cache first); its head is trained whole. A GPT-2 directory goes the --weights way")
     add_training(lora, out_dir="runs/LoRA")
     lora.number("--lora-rank", LORA.rank, "rank r of the adapters")
     lora.number("--lora-alpha", LORA.alpha, "scaling numerator: update * alpha/r")
     lora.number("--lora-dropout", LORA.dropout, "dropout on the adapters' input")
-    lora.add_argument("--lora-targets", default=",".join(LORA.targets),
-                      help=f"comma list of layers to adapt in every block (default {','.join(LORA.targets)})")
+    lora.add_argument("--lora-targets", default=None,
+                      help=f"comma list of layers to adapt in every block, as the base names them (default for "
+                           f"GPT-2: {','.join(LORA.targets)}; for --base, per model type: " +
+                           "; ".join(f"{t}: {','.join(v)}" for t, v in hf_lora.DEFAULT_TARGETS.items()) + ")")
     lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
 
     for mode, help_text in (("rnn", "train the DistilRNN on CoLA labels alone (the baseline)"),
@@ -132,11 +146,13 @@ def build_parser():
             p.number("--ngram-prob", AUGMENT.ngram_prob, "augment: keep only an n-gram of the sentence")
             p.number("--max-ngram", AUGMENT.max_ngram, "augment: longest n-gram kept")
             p.add_argument("--teacher-cache", metavar="DIR",
-                           help="where the teacher's logits are cached (default TEACHER/teacher_logits, or "
-                                "~/.cache/gpt2-lora-distil/ for a read-only teacher)")
+                           help="where the teacher's logits are cached (default: a folder per teacher under "
+                                "$XDG_CACHE_HOME or ~/.cache, in gpt2-lora-distil/teacher_logits/; the teacher's "
+                                "directory is never written)")
 
     predict = modes_.add_parser("predict", help="classify sentences with a trained checkpoint")
-    predict.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
+    predict.add_argument("--checkpoint", required=True, metavar="OUT",
+                         help="a LoRA, rnn or distil out dir, or an export's directory (run.py export)")
     predict.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences (default: one per line on stdin)")
@@ -144,7 +160,8 @@ def build_parser():
     add_common(predict)
 
     evaluate = modes_.add_parser("eval", help="evaluate a trained checkpoint on CoLA's validation data")
-    evaluate.add_argument("--checkpoint", required=True, metavar="OUT", help="a LoRA, rnn or distil out dir")
+    evaluate.add_argument("--checkpoint", required=True, metavar="OUT",
+                          help="a LoRA, rnn or distil out dir, or an export's directory (run.py export)")
     evaluate.add_argument("--weights", metavar="DIR", help="local base GPT-2 of a LoRA checkpoint")
     evaluate.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="CoLA directory (default data/cola, shipped)")
     evaluate.add_argument("--val-split", default="in", choices=("in", "out", "all"))
@@ -152,6 +169,14 @@ def build_parser():
     evaluate.add_argument("--output", metavar="FILE", help="JSON results (default OUT/eval_<split>.json)")
     add_dtype(evaluate)
     add_common(evaluate)
+
+    onnx = modes_.add_parser("export", help="an rnn/distil student as ONNX for onnxruntime (deploy.py, no PyTorch)")
+    onnx.add_argument("--checkpoint", required=True, metavar="RUN", help="an rnn or distil out dir")
+    onnx.add_argument("--out", required=True, metavar="DIR",
+                      help="the export's directory: student.onnx, the tokenizer's files, export.json")
+    onnx.add_argument("--quantize", choices=export.QUANTIZE, default=None,
+                      help="int8: the embedding and weight matrices in int8 (default: float32)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
 
     report = modes_.add_parser("tune-report", help="a --tune table, rows differing only in seed grouped "
                                                    "(n, mean ± std), sorted by validation MCC, and its plot")
@@ -195,8 +220,10 @@ def add_training(p, out_dir):
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this call, resumable later (as if killed there)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (CUDA graphs on GPUs; batches padded to multiples of "
-                        "16 tokens so a few graphs serve the run): pays off in long GPU runs only")
+                   help="torch.compile the training step, the whole model in one graph per batch shape (the "
+                        "student's RNN stepped over padded batches; CUDA graphs on GPUs; batches padded to "
+                        "multiples of 16 tokens so a few graphs serve the run; an error, never a silent fall-back "
+                        "to eager, if it cannot): pays off in long GPU runs only")
     p.add_argument("--tune", metavar="GRID", help='sweep: "lr=1e-3,3e-4 lora_rank=4,8" runs every combination '
                                                   "and appends a row per run to TUNING_DIR/<mode>.tsv")
     p.add_argument("--tuning-dir", default=TUNING_DIR, help=f"where --tune writes its table (default {TUNING_DIR})")
@@ -302,8 +329,8 @@ def augment_copies(args):
 def init_embeddings(args):
     """--init-embeddings as given, else its default: the teacher's vectors wherever a
     teacher is named (distil always has one, its default included, unless it reads
-    --teacher-logits; rnn when given --teacher), random otherwise. Issue #17: MiniLM's
-    vectors with 7 copies kept 82% of the teacher at the cost of the default before."""
+    --teacher-logits; rnn when given --teacher), random otherwise. With MiniLM's vectors
+    and 7 copies the student keeps 82% of the teacher's MCC (docs/results.md)."""
     if args.init_embeddings is not None:
         return args.init_embeddings
     if args.mode == "distil":
@@ -329,6 +356,7 @@ def check_training_paths(args):
     check_path("--data-dir", args.data_dir, "dir", what="the directory of the CoLA .tsv files")
     check_path("--weights", args.weights, "dir", exists=True, what=WEIGHTS_DIR)
     if args.mode == "LoRA":
+        lora_target_names(args)  # with --base: its files, its model type and its layers
         return
     check_path("--teacher", args.teacher, "dir", what="the teacher's directory (a LoRA run's --out-dir, or a "
                                                       "Hugging Face classifier's directory)")
@@ -348,10 +376,13 @@ def validate_training_flags(args):
     in_range(args, "[0, 1)", "--warmup-ratio")
     in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
     if args.mode == "LoRA":
-        try:
-            lora_targets(args.lora_targets)
-        except ValueError as e:
-            raise UserError(f"--lora-targets: {e}") from None
+        if args.base is not None and args.weights is not None:
+            raise UserError("--base and --weights both name the model to adapt; pass one (--base takes a Hugging "
+                            "Face encoder or a GPT-2 directory, --weights a GPT-2 directory)")
+        if args.base is not None and args.gpt_variant != modes.GPTSource.variant:
+            raise UserError("--base and --gpt-variant both name the model to adapt; pass one")
+        if args.base is None:
+            lora_target_names(args)
         in_range(args, "[1, inf)", "--lora-rank")
         in_range(args, "(0, inf)", "--lora-alpha")
         in_range(args, "[0, 1)", "--lora-dropout")
@@ -390,7 +421,26 @@ def settings_of(args):
         settings["init_embeddings"] = init_embeddings(args)
     if args.mode == "distil":
         settings["augment"] = augment_copies(args)
+    if args.mode == "LoRA":
+        settings["lora_targets"] = ",".join(lora_target_names(args))
     return settings
+
+
+def lora_base(args):
+    """--base checked (hf_lora.check_base: read once), None without one."""
+    return None if args.base is None else hf_lora.check_base(args.base, args.lora_targets)
+
+
+def lora_target_names(args):
+    """--lora-targets as given, else the base's default: GPT-2's, or its model type's
+    (hf_lora.DEFAULT_TARGETS); checked against the base's layers."""
+    base = lora_base(args)
+    if base is not None and base.model_type != "gpt2":
+        return base.targets
+    try:
+        return lora_targets(args.lora_targets or ",".join(LORA.targets))
+    except ValueError as e:
+        raise UserError(f"--lora-targets: {e}") from None
 
 
 def run_config(args):
@@ -411,7 +461,7 @@ def train_config(args):
 
 def lora_config(args):
     return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      targets=lora_targets(args.lora_targets), train_layernorm=args.train_layernorm)
+                      targets=lora_target_names(args), train_layernorm=args.train_layernorm)
 
 
 def student_config(args):
@@ -443,8 +493,14 @@ def run_training(args):
 
 def train_mode(args, run):
     device = modes.prepare(args.device, args.seed)
+    if args.mode in ("rnn", "distil") and device.type == "cpu":
+        keep_freed_memory()  # a student's steps then reuse its embedding's gradient (utils)
     gpt, data = modes.GPTSource(args.weights, args.gpt_variant), DataConfig(args.data_dir, args.val_split)
-    if args.mode == "LoRA":
+    base = lora_base(args) if args.mode == "LoRA" else None
+    if base is not None and base.model_type != "gpt2":
+        task = modes.lora_hf(base, lora_config(args), data, device, args.dtype)
+    elif args.mode == "LoRA":
+        gpt = modes.GPTSource(base.directory) if base is not None else gpt  # a GPT-2 --base is --weights
         task = modes.lora(gpt, lora_config(args), data, device, args.dtype)
     elif args.mode == "rnn":
         task = modes.rnn(student_config(args), data, device, args.seed, gpt, init_embeddings(args),
@@ -452,7 +508,14 @@ def train_mode(args, run):
     else:
         task = modes.distil(distil_config(args), student_config(args), data, device, args.seed, args.dtype, gpt,
                             init_embeddings(args), run.progress)
-    return modes.train(args.mode, task, run, train_config(args), device)
+    try:
+        return modes.train(args.mode, task, run, train_config(args), device)
+    except SaveError as e:  # a full disk mid-run: say what of the run is kept
+        raise e.kept(what_is_kept(run)) from None
+    except OSError as e:  # the same from a file appended to (--log-dir's)
+        if e.filename is None or isinstance(e, BrokenPipeError):
+            raise
+        raise SaveError(e.filename, e.strerror or one_line(e), what_is_kept(run)) from None
 
 
 # --- predict and eval --------------------------------------------------------
@@ -491,7 +554,13 @@ def validate_checkpoint_use(args):
 def run_predict(args):
     validate_checkpoint_use(args)
     sentences = read_sentences(args)
-    probabilities = modes.predict(args.checkpoint, sentences, args.device, args.dtype, args.weights, args.batch_size)
+    if deploy.is_export(args.checkpoint):  # an export: onnxruntime on the CPU, as deployed
+        student = deploy.load(args.checkpoint)
+        info(f"classifier: {student.description}")
+        probabilities = [p for _, p in student.predict(sentences, args.batch_size)]
+    else:
+        probabilities = modes.predict(args.checkpoint, sentences, args.device, args.dtype, args.weights,
+                                      args.batch_size)
     for sentence, p in zip(sentences, probabilities):
         print(f"{int(p >= 0.5)}\t{p:.4f}\t{sentence}")
 
@@ -500,6 +569,13 @@ def run_eval(args):
     validate_checkpoint_use(args)
     modes.evaluate_checkpoint(args.checkpoint, DataConfig(args.data_dir, args.val_split), args.output, args.device,
                               args.dtype, args.weights, args.batch_size)
+
+
+def run_export(args):
+    check_path("--checkpoint", args.checkpoint, "dir", exists=True, what="an rnn or distil run's out dir")
+    check_path("--out", args.out, "dir", write=True)
+    settings = export.export_student(args.checkpoint, args.out, args.quantize, args.overwrite)
+    info(export.describe(settings, args.out))
 
 
 # --- tune-report and compare -------------------------------------------------
@@ -516,20 +592,26 @@ def run_compare(args):
     return tune.run_compare(args)
 
 
-RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "LoRA": run_training, "rnn": run_training,
-           "distil": run_training, "tune-report": run_tune_report, "compare": run_compare}
+RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "export": run_export, "LoRA": run_training,
+           "rnn": run_training, "distil": run_training, "tune-report": run_tune_report, "compare": run_compare}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 
 def settings_from_the_run(args, parser, argv):
     """--resume takes the run's settings from its own metrics.json: a flag not written
     on the command line gets the value the run was started with (one written there
-    must agree with it, or the resume is refused as before)."""
+    must agree with it, or the resume is refused)."""
     if not (args.mode in TRAINING_MODES and args.resume and not args.tune):
         return
     if not os.path.isfile(os.path.join(args.out_dir, "metrics.json")):
         return  # nothing finished yet: claim_out_dir says what is wrong
-    saved = read_metrics(args.out_dir).get("args") or {}
+    metrics = read_metrics(args.out_dir)
+    mode = metrics.get("mode") if isinstance(metrics, dict) else None
+    if mode and mode != args.mode:  # before any data or teacher is read for a run that cannot resume
+        article = {"rnn": "an"}.get(mode, "a")
+        raise UserError(f"--resume: {args.out_dir} holds {article} {mode} run, not {args.mode}; continue it with "
+                        f"`run.py {mode} --out-dir {args.out_dir} --resume`, or pass another --out-dir")
+    saved = metrics.get("args") or {}
     given = given_flags(parser, args.mode, argv)
     for name, value in saved.items():
         restored = name not in RUN_CONTROL or name in ("plots_dir", "no_plots", "log_dir")  # its outputs stay as they were
@@ -538,6 +620,7 @@ def settings_from_the_run(args, parser, argv):
 
 
 def main(argv=None):
+    set_process_switches()
     try:
         argv = canonical_mode(sys.argv[1:] if argv is None else list(argv))
         parser = build_parser()
@@ -548,7 +631,7 @@ def main(argv=None):
             tune.run_tune(args, argv, build_parser(), run_training, RUN_CONTROL)
         else:
             RUNNERS[args.mode](args)
-    except (UserError, WeightsError, CheckpointError, ResumeError) as e:
+    except (UserError, WeightsError, CheckpointError, ResumeError, deploy.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted) as e:
@@ -556,8 +639,39 @@ def main(argv=None):
         return 130
     except BrokenPipeError:  # e.g. `python run.py gen | head`
         return 0
+    except OSError as e:  # a file written outside atomic_write (a log, the lock): the path and the reason
+        print(f"error: {e.filename or 'a file'}: {e.strerror or one_line(e)}; free some space or write elsewhere, "
+              "then run it again", file=sys.stderr)
+        return 2
     return 0
 
 
+def sigterm_as_ctrl_c():
+    """SIGTERM (kill, a scheduler's time limit, torchrun ending its workers) ends a run
+    as Ctrl-C does: its finished epochs kept, its lock and a directory it made and
+    left empty removed. It goes to SIGINT's handler of the moment, so a save that
+    holds back a Ctrl-C holds back a SIGTERM too."""
+    def handler(signum, frame):
+        if importing(frame):  # an exception raised inside an import can be lost there: again in a moment
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if not callable(current):  # SIGINT ignored (a background job): SIGTERM still ends the run
+            raise KeyboardInterrupt
+        current(signal.SIGINT, frame)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def importing(frame):
+    """Whether frame runs inside an import (whose extension modules may swallow an exception)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 if __name__ == "__main__":
+    sigterm_as_ctrl_c()
     sys.exit(main())
