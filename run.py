@@ -38,7 +38,7 @@ ADDED_SETTINGS = {"dtype": "auto", "embd_dropout": 0.0, "head_dropout": 0.0, "em
 TRAIN, STUDENT, LORA, DISTIL, AUGMENT = TrainConfig(), RNNConfig(), LoRAConfig(), DistilConfig(), DistilConfig().augment
 
 # User work goes under runs/ (ignored by git); the repository's own tuning/ and plots/
-# hold the README's tables and figures, written only when named (README, Results).
+# hold the tables and figures of the docs (docs/results.md), written only when named.
 TUNING_DIR = "runs/tuning"
 COMPARE_PLOTS_DIR = "runs/compare"
 

@@ -195,9 +195,9 @@ class TrainConfig:
 def make_optimizer(named_params, cfg: TrainConfig):
     """Adam or AdamW over (name, parameter) pairs, those that require grad
     (make_training leaves out a frozen embedding: --embd-channels frozen or both).
-    The fused kernel updates
-    each tensor in one pass over memory: the DistilRNN's 50257x768 embedding makes the
-    step memory-bound, and the fused step is ~10x faster on CPU than the default."""
+    The fused kernel updates each tensor in one pass over memory: the DistilRNN's
+    50257x768 embedding makes the step memory-bound, and the fused step is many
+    times faster on CPU than the default (docs/benchmarks.md)."""
     named_params = list(named_params)
     device_type = named_params[0][1].device.type
     fused = dict(fused=True) if device_type in ("cpu", "cuda") else {}
@@ -429,7 +429,7 @@ def compile_note(device, steps, shapes):
     """One line before a --compile run that cannot pay off, else None."""
     if device.type != "cuda":
         return (f"note: --compile on {device.type.upper()}: each of the {shapes} batch shapes compiles for a minute "
-                "or more before its first step; only a long run earns that back (README, Benchmarks)")
+                "or more before its first step; only a long run earns that back (docs/benchmarks.md)")
     if steps < 200:
         return (f"note: --compile: this run has only {steps} steps; compiling its {shapes} batch shapes may take "
                 "longer than it saves")
