@@ -553,8 +553,20 @@ def bench_predict(args):
 def bench_finetune_reference(args):
     """Full fine-tuning with transformers.Trainer: the reference of a `run.py LoRA
     --base` run on the same base and seed (finetune_reference.py)."""
-    from finetune_reference import run_reference
-    return run_reference(args, device_name(torch.device(args.device)))
+    from checkpoints import CheckpointError
+    from finetune_reference import ReferenceConfig, finetune_reference
+    from utils import DataConfig, UserError
+    if not args.base or not args.out_dir:
+        sys.exit("error: finetune-reference needs --base DIR_OR_HUB_ID and --out-dir DIR")
+    cfg = ReferenceConfig(seed=args.seed, epochs=args.epochs or ReferenceConfig.epochs,
+                          batch_size=args.batch_size or ReferenceConfig.batch_size)
+    try:
+        record = finetune_reference(args.base, args.out_dir, cfg, DataConfig(args.data_dir, "in"), args.device)
+    except (UserError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    best = record["epochs"][record["best_epoch"] - 1]
+    return {"bench": "finetune-reference", "device": device_name(torch.device(args.device)), "seed": args.seed,
+            "best_val_mcc": best["val_mcc"], "best_epoch": best["epoch"], "seconds": record["seconds"]}
 
 
 BENCHES = {"gen": bench_gen, "lora": bench_lora, "distil": bench_distil, "rnn": bench_rnn, "predict": bench_predict,

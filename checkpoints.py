@@ -4,8 +4,6 @@ JSON of their settings and the tokenizer they read, and one loader for a run
 directory of any mode."""
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from hub import gpt2_directory, looks_like_hub_id
 from model import (LAYERNORMS, GPT, DistilRNN, GPTClassifier, GPTConfig, LoRAConfig, RNNConfig, WeightsError, add_lora,
                    lora_layers, merge_lora, set_trainable)
-from utils import GPT2_TOKENS, SaveError, one_line, save_json, save_tensors, sync, usual_mode
+from utils import GPT2_TOKENS, atomic_dir, one_line, save_json, save_tensors
 
 PEFT_PREFIX = "base_model.model."   # PEFT's name for the wrapped transformers model
 # files a Hugging Face tokenizer directory may carry its vocabulary in
@@ -216,25 +214,7 @@ class HFTokens:
     def save(self, out_dir):
         """tokenizer.save_pretrained(OUT/tokenizer), written beside, synced and renamed
         in (a SaveError when it cannot be written)."""
-        final = os.path.join(out_dir, TOKENIZER_DIR)
-        tmp = None
-        try:
-            tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer.")
-            self.tokenizer.save_pretrained(tmp)
-            for name in os.listdir(tmp):
-                sync(os.path.join(tmp, name))
-            os.chmod(tmp, usual_mode(0o777))  # mkdtemp's 0700 would keep others from reading the run
-            sync(tmp)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            tmp = None
-            sync(out_dir)
-        except OSError as e:
-            raise SaveError(final, e.strerror or one_line(e)) from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        atomic_dir(os.path.join(out_dir, TOKENIZER_DIR), self.tokenizer.save_pretrained)
 
 
 def save_student(student, out_dir, tokenizer=GPT2_TOKENS, extra=None):

@@ -32,6 +32,7 @@ def is_export(path):
     return os.path.isfile(os.path.join(str(path), EXPORT_FILE))
 
 
+# utils.sha256_of_file's twin: deploy reads nothing of the project that imports torch
 def sha256_of_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -7,7 +7,6 @@ seed, per-epoch val_mcc and val_acc, best_epoch), so `run.py compare` pairs it w
 LoRA runs seed by seed."""
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +14,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 import hf_lora
-from checkpoints import CheckpointError
 from train_utils import accuracy, best_epoch, matthews_corrcoef
 from utils import DataConfig, UserError, atomic_dir, info, load_cola, save_json
 
@@ -117,19 +115,3 @@ def finetune_reference(base, out_dir, cfg: ReferenceConfig, data: DataConfig = D
     info(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val MCC {best['val_mcc']:.4f}; "
          f"wrote {metrics_path} and {os.path.join(out_dir, 'model')}")
     return record
-
-
-def run_reference(args, device_description):
-    """bench.py finetune-reference: its flags into a ReferenceConfig, one-line errors
-    (exit status 1), and the summary line bench.py prints."""
-    if not args.base or not args.out_dir:
-        sys.exit("error: finetune-reference needs --base DIR_OR_HUB_ID and --out-dir DIR")
-    cfg = ReferenceConfig(seed=args.seed, epochs=args.epochs or ReferenceConfig.epochs,
-                          batch_size=args.batch_size or ReferenceConfig.batch_size)
-    try:
-        record = finetune_reference(args.base, args.out_dir, cfg, DataConfig(args.data_dir, "in"), args.device)
-    except (UserError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    best = record["epochs"][record["best_epoch"] - 1]
-    return {"bench": "finetune-reference", "device": device_description, "seed": args.seed,
-            "best_val_mcc": best["val_mcc"], "best_epoch": best["epoch"], "seconds": record["seconds"]}

@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -618,6 +619,19 @@ def sync(path):
         os.close(fd)
 
 
+@contextmanager
+def save_errors(path, directory):
+    """Around the writing of path (in directory): a failure to write becomes a
+    SaveError with the operating system's reason; any other error passes as it is."""
+    try:
+        yield
+    except Exception as e:
+        reason = os_error_of(e, directory)
+        if reason is None:
+            raise
+        raise SaveError(path, reason) from None
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), fsync the file, rename it onto path and fsync the
     directory: a crash or a power cut leaves the old file or the new one, each whole.
@@ -627,20 +641,16 @@ def atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        sync(tmp)
-        os.chmod(tmp, usual_mode(0o666))
-        os.replace(tmp, path)
-        tmp = None
-        sync(directory)
-    except Exception as e:
-        reason = os_error_of(e, directory)
-        if reason is None:
-            raise
-        raise SaveError(path, reason) from None
+        with save_errors(path, directory):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+            os.close(fd)
+            write(tmp)
+            sync(tmp)
+            os.chmod(tmp, usual_mode(0o666))
+            os.replace(tmp, path)
+            tmp = None
+            sync(directory)
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
@@ -656,25 +666,21 @@ def atomic_dir(path, write):
     parent = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.normpath(path)) + ".")
-        write(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                os.chmod(os.path.join(root, name), usual_mode(0o666))
-                sync(os.path.join(root, name))
-        os.chmod(tmp, usual_mode(0o777))
-        sync(tmp)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        tmp = None
-        sync(parent)
-    except Exception as e:
-        reason = os_error_of(e, parent)
-        if reason is None:
-            raise
-        raise SaveError(path, reason) from None
+        with save_errors(path, parent):
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.normpath(path)) + ".")
+            write(tmp)
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    os.chmod(os.path.join(root, name), usual_mode(0o666))
+                    sync(os.path.join(root, name))
+            os.chmod(tmp, usual_mode(0o777))
+            sync(tmp)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            tmp = None
+            sync(parent)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -77,10 +77,10 @@ def sections(text):
     return out
 
 
-def documented_flags(mode):
-    """The flags reference.md documents for mode: those in the sections whose heading
-    names the mode in backticks (`distil`), a section's subsections included."""
-    flags, level = set(), None
+def mode_sections(mode):
+    """The bodies of reference.md's sections whose heading names mode in backticks
+    (`distil`), each one's subsections included."""
+    level = None
     for heading, body in sections(read(REFERENCE)):
         depth = len(heading) - len(heading.lstrip("#"))
         if level is not None and depth <= level:
@@ -88,8 +88,12 @@ def documented_flags(mode):
         if level is None and f"`{mode}`" in heading:
             level = depth
         if level is not None:
-            flags |= {flag.replace("_", "-") for flag in FLAG.findall(body)}
-    return flags
+            yield body
+
+
+def documented_flags(mode):
+    """The flags reference.md documents for mode, in the sections that name it."""
+    return {flag.replace("_", "-") for body in mode_sections(mode) for flag in FLAG.findall(body)}
 
 
 @pytest.mark.parametrize("mode", sorted(mode_parsers()))
@@ -102,17 +106,11 @@ def test_every_flag_of_a_mode_is_in_the_reference(mode):
 def documented_numbers(mode):
     """{flag: number} from the reference's flag tables that name mode: the rows of a
     single flag whose default cell is a plain number."""
-    numbers, level = {}, None
-    for heading, body in sections(read(REFERENCE)):
-        depth = len(heading) - len(heading.lstrip("#"))
-        if level is not None and depth <= level:
-            level = None
-        if level is None and f"`{mode}`" in heading:
-            level = depth
-        if level is not None:
-            for flag, default in re.findall(r"^\| `(--[a-z0-9-]+)(?: [A-Z_]+)?` \| ([^|]*?) \|", body, flags=re.M):
-                if re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", default):
-                    numbers[flag] = float(default)
+    numbers = {}
+    for body in mode_sections(mode):
+        for flag, default in re.findall(r"^\| `(--[a-z0-9-]+)(?: [A-Z_]+)?` \| ([^|]*?) \|", body, flags=re.M):
+            if re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", default):
+                numbers[flag] = float(default)
     return numbers
 
 

@@ -177,29 +177,29 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.01)
 
 
-def test_sigterm_before_any_epoch_leaves_no_directory(tmp_path):
-    """Killed (SIGTERM) as it starts: as Ctrl-C, one line, and the directory it made,
-    holding only its .lock, removed."""
+def terminated_once(out, tmp_path, when):
+    """An rnn run into out sent SIGTERM once the file when exists: it ends as Ctrl-C
+    does, with one line and exit status 130."""
     import signal
-    out = tmp_path / "run"
     process = start_run(out, tmp_path)
-    wait_for(out / ".lock", process)
+    wait_for(when, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
+
+
+def test_sigterm_before_any_epoch_leaves_no_directory(tmp_path):
+    """Killed (SIGTERM) as it starts: as Ctrl-C, one line, and the directory it made,
+    holding only its .lock, removed."""
+    out = tmp_path / "run"
+    terminated_once(out, tmp_path, out / ".lock")
     assert not os.path.exists(out)
 
 
 def test_sigterm_after_an_epoch_keeps_it_and_the_lock_goes(tmp_path):
-    import signal
     out = tmp_path / "run"
-    process = start_run(out, tmp_path)
-    wait_for(out / "resume_state.pt", process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
+    terminated_once(out, tmp_path, out / "resume_state.pt")
     assert ".lock" not in os.listdir(out) and len(epochs_of(out)) >= 1
     load_file(out / "student.safetensors")
 
