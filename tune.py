@@ -25,7 +25,7 @@ def parse_grid(text, mode_parser, run_control):
     for item in text.split():
         name, _, values = item.partition("=")
         name = name.strip().lstrip("-").replace("-", "_")
-        action = mode_parser._option_string_actions.get("--" + name)
+        action = mode_parser._option_string_actions.get("--" + name.replace("_", "-"))
         if not values or action is None or name in run_control:
             raise UserError(f"--tune: {item!r} is not FLAG=V1,V2,... with a training flag of "
                             f"{mode_parser.prog} (e.g. lr=1e-3,3e-4)")

@@ -273,3 +273,17 @@ def test_a_sweep_logs_each_run_under_its_own_name(tmp_path_factory, tmp_path, ca
         with open(logs / name / "steps.csv", newline="") as f:
             assert int(list(csv.DictReader(f))[0]["step"]) == 1
     assert epochs["seed-0"] != epochs["seed-1"]
+
+
+def test_a_sweep_takes_flags_of_several_words_in_either_spelling():
+    """lora_rank, batch-size and --lora-alpha name the mode's flags of those names;
+    a name the mode lacks is refused."""
+    import run
+    import tune
+    from utils import UserError
+    lora = run.build_parser()._subparsers._group_actions[0].choices["LoRA"]
+    grid = tune.parse_grid("lora_rank=4,8 batch-size=16 --lora-alpha=8", lora, run.RUN_CONTROL)
+    assert [(name, values, action.dest) for name, values, action in grid] == [
+        ("lora_rank", ["4", "8"], "lora_rank"), ("batch_size", ["16"], "batch_size"), ("lora_alpha", ["8"], "lora_alpha")]
+    with pytest.raises(UserError, match="lora_ranks"):
+        tune.parse_grid("lora_ranks=4", lora, run.RUN_CONTROL)
