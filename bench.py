@@ -2,6 +2,7 @@
 
     python bench.py gen      # greedy decoding, ours vs transformers.generate
     python bench.py lora     # one CoLA epoch of LoRA training, ours vs transformers + peft
+                             # (--base DIR: on a Hugging Face encoder instead of a GPT-2 shape)
     python bench.py distil   # seconds per distil epoch (teacher cached) vs per rnn epoch
     python bench.py rnn      # one rnn epoch on CPU: ours vs torch's RNN kernel and glibc's allocation
     python bench.py predict  # the student against GPT-2 teachers at inference: sentences/s, ms, size
@@ -210,7 +211,10 @@ def bench_lora(args):
     rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32: ours in every precision
     (and --dtype auto's pick), with torch.compile where it can pay (CUDA, or --compile),
     against transformers + peft in auto's precision, named. Model FLOP/s are given as a
-    share of the bf16 product rate measured in the same run."""
+    share of the bf16 product rate measured in the same run. With --base: a Hugging
+    Face encoder instead (bench_lora_base)."""
+    if args.base:
+        return bench_lora_base(args)
     import math
 
     from peft import LoraConfig, TaskType, get_peft_model
@@ -327,6 +331,96 @@ def bench_lora(args):
               f"{batch_shapes(padded)} batch shapes")
         result.update(compiled_first=compiled[0], compiled_steady=steady, compiled=n_ours / steady)
     return result
+
+
+def bench_lora_base(args):
+    """One CoLA epoch (or --max-steps batches) of LoRA on a Hugging Face encoder
+    (--base), ours (`run.py LoRA --base`: length-grouped batches) against
+    transformers + peft on the same base, targets, rank and head, batched as their
+    users batch it (random order, padded per batch to its longest sentence, attention
+    mask): same optimiser, clipping and precision (--dtype auto's)."""
+    import math
+
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    import hf_lora
+    from model import LoRAConfig
+    from train_utils import TrainConfig, autocast_for, make_training, resolve_precision, tf32_products, train_epoch
+    from utils import TokenizedSplit, load_cola
+    device = torch.device(args.device)
+    batch_size = args.batch_size or 32
+    base = hf_lora.check_base(args.base)
+    if base.model_type == "gpt2":
+        sys.exit(f"bench: --base {args.base} is GPT-2; bench.py lora --shape times GPT-2")
+    cfg = LoRAConfig(targets=base.targets)
+    torch.manual_seed(0)
+    ours, tokens = hf_lora.lora_classifier(base, cfg)
+    train, _ = load_cola(args.data_dir)
+    train_set = TokenizedSplit(train, ours.max_len, tokenizer=tokens)
+    steps = math.ceil(len(train_set) / batch_size)
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    precision = resolve_precision(device, "auto")
+    train_cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+    batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))[:steps]
+    ours.to(device)
+    train_epoch(ours, batches[:2], make_training(ours, train_cfg, 2), device, precision=precision)  # warm-up
+    training = make_training(ours, train_cfg, steps)
+    sync(device)
+    start = time.perf_counter()
+    train_epoch(ours, batches, training, device, precision=precision, grad_clip=train_cfg.grad_clip)
+    sync(device)
+    t_ours = time.perf_counter() - start
+
+    torch.manual_seed(0)
+    wrapped = [name for name in hf_lora.encoder_linears(ours.hf) if isinstance(ours.hf.get_submodule(name),
+                                                                             hf_lora.LoRALinear)]
+    peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=wrapped, modules_to_save=hf_lora.modules_to_save(ours, False))
+    reference = get_peft_model(hf_lora.load_model(base.directory), peft_config).to(device)
+    reference.train()
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(ref_params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
+    ref_batches = [train_set.make_batch(order[i:i + batch_size])
+                   for i in range(0, min(len(order), steps * batch_size), batch_size)]
+    def reference_steps(batches):
+        for batch in batches:
+            mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
+            with autocast_for(device, precision):
+                loss = reference(input_ids=batch.idx.to(device), attention_mask=mask.to(device),
+                                 labels=batch.labels.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref_params, train_cfg.grad_clip)
+            optimizer.step()
+            loss.item()
+
+    with tf32_products(precision):
+        reference_steps(ref_batches[:2])  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        reference_steps(ref_batches)
+        sync(device)
+    t_ref = time.perf_counter() - start
+
+    n_ours, n_ref = sum(len(b.labels) for b in batches), sum(len(b.labels) for b in ref_batches)
+    slots_ours, slots_ref = sum(b.idx.numel() for b in batches), sum(b.idx.numel() for b in ref_batches)
+    trained = {"ours": sum(p.numel() for p in ours.parameters() if p.requires_grad), "reference": sum(
+        p.numel() for p in ref_params)}
+    print(f"device: {device_name(device)}")
+    print(f"LoRA r={cfg.rank} on {','.join(base.targets)} of {base.source} ({base.model_type}), head trained, "
+          f"batch {batch_size}, {len(batches)} steps ({'full epoch' if len(batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'}), "
+          f"{precision}; {trained['ours']:,} parameters trained (peft: {trained['reference']:,})")
+    print(f"transformers + peft (random batches padded to their longest): {n_ref / t_ref:.1f} sentences/s, "
+          f"{slots_ref} token slots")
+    print(f"ours (length-grouped batches): {n_ours / t_ours:.1f} sentences/s, {slots_ours} token slots; "
+          f"{(n_ours / t_ours) / (n_ref / t_ref):.2f}x transformers + peft")
+    return {"bench": "lora", "base": base.source, "device": device_name(device), "ours": n_ours / t_ours,
+            "reference": n_ref / t_ref, "ratio": (n_ours / t_ours) / (n_ref / t_ref), "steps": len(batches),
+            "sentences": {"ours": n_ours, "reference": n_ref}, "token_slots": {"ours": slots_ours,
+                                                                              "reference": slots_ref},
+            "trained_parameters": trained, "precision": precision}
 
 
 # ---------------------------------------------------------------------------
@@ -494,12 +588,72 @@ def export_rows(student, split, single, repeats, tmp):
     return rows
 
 
+MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, max_position_embeddings=512)  # all-MiniLM-L6-v2's config.json
+
+
+def hf_teacher_row(args, sentences, device, tmp):
+    """The Hugging Face teacher through transformers, as distil labels with it
+    (float32, attention mask, length-sorted batches; tokenizing not timed, as for the
+    other rows): --teacher DIR, or a MiniLM-shaped BERT (all-MiniLM-L6-v2's shape,
+    random weights) reading each sentence's GPT-2 tokens between [CLS] and [SEP]
+    (about as many as its WordPiece tokens). Size on disk: its weights in float16, as
+    the shared MiniLM teacher's files hold them."""
+    from transformers.utils import logging
+
+    from distil import HFTeacher
+    from utils import GPT2_TOKENS
+    logging.disable_progress_bar()
+    if args.teacher:
+        teacher = HFTeacher(args.teacher)
+        model, name = teacher.model, f"HF teacher ({os.path.basename(os.path.normpath(args.teacher))})"
+        ids = teacher.tokenizer(list(sentences), truncation=True)["input_ids"]
+        pad = teacher.tokenizer.pad_token_id or 0
+    else:
+        from transformers import BertConfig, BertForSequenceClassification
+        torch.manual_seed(0)
+        model, name = BertForSequenceClassification(BertConfig(num_labels=2, **MINILM_SHAPE)), "MiniLM-shaped teacher"
+        ids = [[101, *(t % MINILM_SHAPE["vocab_size"] for t in tokens), 102]
+               for tokens in GPT2_TOKENS.encode(sentences)]
+        pad = 0
+    model = model.float().eval().to(device)
+
+    def batches(rows, size):
+        order = sorted(rows, key=lambda i: len(ids[i]))
+        out = []
+        for start in range(0, len(order), size):
+            chunk = [ids[i] for i in order[start:start + size]]
+            width = max(map(len, chunk))
+            idx = torch.tensor([t + [pad] * (width - len(t)) for t in chunk])
+            mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in chunk])
+            out.append((idx.to(device), mask.to(device)))
+        return out
+
+    @torch.inference_mode()
+    def logits(batched):
+        return [model(input_ids=idx, attention_mask=mask).logits for idx, mask in batched]
+
+    batched, one = batches(range(len(ids)), 64), batches(range(min(args.single_sentences, len(ids))), 1)
+    logits(batched[:2])  # warm-up
+    seconds_64 = best_of(args.repeats, lambda: logits(batched), device)
+    seconds_1 = best_of(args.repeats, lambda: logits(one), device)
+    saved = os.path.join(tmp, "hf_teacher")
+    model.half().save_pretrained(saved)
+    model.float()
+    return name, {"sentences_per_s": len(ids) / seconds_64, "ms_batch1": 1000 * seconds_1 / len(one),
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "mb": sum(os.path.getsize(os.path.join(saved, f)) for f in os.listdir(saved)
+                            if f.endswith((".safetensors", ".bin"))) / 2 ** 20}
+
+
 def bench_predict(args):
     """The student against GPT-2 LoRA classifiers as predict runs them (merged
     adapters, length-sorted batches), on CoLA's in-domain dev sentences: sentences/s
     at batch 64 and at batch 1, milliseconds per sentence at batch 1, parameters and
     size on disk; then the student's ONNX exports (float32, int8) under onnxruntime,
-    and peak memory of predicting in a process of its own (student and exports)."""
+    and peak memory of predicting in a process of its own (student and exports). The
+    MiniLM teacher through transformers is a row too (hf_teacher_row: --teacher DIR,
+    or its shape with random weights)."""
     from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, merge_lora
     from train_utils import infer
     from utils import TokenizedSplit, load_cola, save_tensors
@@ -530,6 +684,8 @@ def bench_predict(args):
             save_tensors(path, model.state_dict())
             rows[name] = {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
                           "params": sum(p.numel() for p in model.parameters()), "mb": os.path.getsize(path) / 2 ** 20}
+        hf_name, row = hf_teacher_row(args, val.sentences, device, tmp)
+        rows[hf_name] = row
         if device.type == "cpu":  # onnxruntime's CPU provider: the deployment target
             torch.manual_seed(0)
             for name, row in export_rows(DistilRNN(RNNConfig()).eval(), split, single, args.repeats, tmp).items():
@@ -545,9 +701,17 @@ def bench_predict(args):
         print(f"{name:<40} {r['params']:>12,} {r['mb']:>10.1f} {r['sentences_per_s']:>11.0f} "
               f"{1000 / r['ms_batch1']:>10.0f} {r['ms_batch1']:>11.2f} {peak}")
     student, teacher_row = rows["DistilRNN student (defaults)"], rows["GPT-2 LoRA teacher (gpt2 shape)"]
+    hf_row = rows[hf_name]
+    for student_name in [n for n in rows if n.startswith("DistilRNN")]:
+        r = rows[student_name]
+        print(f"{student_name} over the {hf_name}: {r['sentences_per_s'] / hf_row['sentences_per_s']:.1f}x at batch 64, "
+              f"{hf_row['ms_batch1'] / r['ms_batch1']:.1f}x at batch 1; over the gpt2-shaped teacher: "
+              f"{r['sentences_per_s'] / teacher_row['sentences_per_s']:.1f}x and "
+              f"{teacher_row['ms_batch1'] / r['ms_batch1']:.1f}x")
     return {"bench": "predict", "device": device_name(device), "ours": student["sentences_per_s"],
             "reference": teacher_row["sentences_per_s"],
-            "ratio": student["sentences_per_s"] / teacher_row["sentences_per_s"], "models": rows}
+            "ratio": student["sentences_per_s"] / teacher_row["sentences_per_s"], "models": rows,
+            "hf_teacher": hf_name}
 
 
 def bench_finetune_reference(args):
@@ -593,7 +757,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "tf32", "bfloat16"),
                    help="gen: the precision of both sides (default auto: as run.py gen)")
     p.add_argument("--single-sentences", type=int, default=100, help="predict: sentences timed at batch 1")
-    p.add_argument("--base", help="finetune-reference: the Hugging Face encoder to fine-tune (directory or hub id)")
+    p.add_argument("--base", help="finetune-reference: the Hugging Face encoder to fine-tune; lora: the encoder to "
+                   "time LoRA on against transformers + peft (directory or hub id)")
+    p.add_argument("--teacher", help="predict: a Hugging Face classifier directory to time as the teacher row "
+                   "(default: all-MiniLM-L6-v2's shape, random weights)")
     p.add_argument("--seed", type=int, default=0, help="finetune-reference: the seed (pairs with a LoRA run's)")
     p.add_argument("--out-dir", help="finetune-reference: where metrics.json and the best model go")
     p.add_argument("--epochs", type=int, default=None, help="finetune-reference: epochs (default 4)")

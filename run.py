@@ -7,6 +7,7 @@ model.py's GPT) and tune.py (sweeps and comparisons). Every known problem become
 one-line error (exit status 2).
 """
 import os
+import re
 import signal
 import sys
 
@@ -109,6 +110,7 @@ def build_parser():
                            f"GPT-2: {','.join(LORA.targets)}; for --base, per model type: " +
                            "; ".join(f"{t}: {','.join(v)}" for t, v in hf_lora.DEFAULT_TARGETS.items()) + ")")
     lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
+    defaults_by_base(lora)
 
     for mode, help_text in (("rnn", "train the DistilRNN on CoLA labels alone (the baseline)"),
                             ("distil", "distil a fine-tuned GPT-2 teacher into the DistilRNN")):
@@ -190,6 +192,35 @@ def build_parser():
     compare.add_argument("--plots-dir", default=COMPARE_PLOTS_DIR,
                          help=f"where its plot goes (default {COMPARE_PLOTS_DIR})")
     return parser
+
+
+# LoRA's flags whose default depends on the base: GPT-2's are the study's; a --base
+# encoder's (BERT, MiniLM, RoBERTa, DistilBERT) are hf_lora.ENCODER_RECIPE.
+GPT2_RECIPE = {"epochs": TRAIN.epochs, "batch_size": TRAIN.batch_size, "lr": TRAIN.lr, "lora_rank": LORA.rank,
+               "lora_alpha": LORA.alpha}
+
+
+def defaults_by_base(lora):
+    """The recipe's flags default to None (lora_recipe fills them in once the base is
+    known); their help names both defaults."""
+    for dest, encoder in hf_lora.ENCODER_RECIPE.items():
+        action = lora._option_string_actions["--" + dest.replace("_", "-")]
+        action.default = None
+        what = re.sub(r" ?\(?default [^)]*\)?$", "", action.help or "")
+        shown = f"default {GPT2_RECIPE[dest]:g} for GPT-2, {encoder:g} for a --base encoder"
+        action.help = f"{what} ({shown})" if what else shown
+
+
+def lora_recipe(args):
+    """LoRA's epochs, batch size, lr, rank and alpha as given, else the base's
+    defaults: GPT-2's, or hf_lora.ENCODER_RECIPE for a --base encoder."""
+    missing = [name for name in GPT2_RECIPE if getattr(args, name, None) is None]
+    if args.mode != "LoRA" or not missing:
+        return
+    base = lora_base(args)
+    recipe = hf_lora.ENCODER_RECIPE if base is not None and base.model_type != "gpt2" else GPT2_RECIPE
+    for name in missing:
+        setattr(args, name, recipe[name])
 
 
 def add_training(p, out_dir):
@@ -369,6 +400,13 @@ def check_training_paths(args):
 
 def validate_training_flags(args):
     """The values of a training mode's flags and their combinations."""
+    if args.mode == "LoRA":
+        if args.base is not None and args.weights is not None:
+            raise UserError("--base and --weights both name the model to adapt; pass one (--base takes a Hugging "
+                            "Face encoder or a GPT-2 directory, --weights a GPT-2 directory)")
+        if args.base is not None and args.gpt_variant != modes.GPTSource.variant:
+            raise UserError("--base and --gpt-variant both name the model to adapt; pass one")
+        lora_recipe(args)
     in_range(args, "[1, inf)", "--epochs", "--batch-size", "--stop-after")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite replaces it; pass one of them")
@@ -376,11 +414,6 @@ def validate_training_flags(args):
     in_range(args, "[0, 1)", "--warmup-ratio")
     in_range(args, "[0, inf)", "--grad-clip", "--weight-decay")
     if args.mode == "LoRA":
-        if args.base is not None and args.weights is not None:
-            raise UserError("--base and --weights both name the model to adapt; pass one (--base takes a Hugging "
-                            "Face encoder or a GPT-2 directory, --weights a GPT-2 directory)")
-        if args.base is not None and args.gpt_variant != modes.GPTSource.variant:
-            raise UserError("--base and --gpt-variant both name the model to adapt; pass one")
         if args.base is None:
             lora_target_names(args)
         in_range(args, "[1, inf)", "--lora-rank")

@@ -362,3 +362,53 @@ def test_finetune_reference_writes_metrics_that_compare_pairs(tmp_path_factory, 
     best_lora = lora_metrics["epochs"][lora_metrics["best_epoch"] - 1]["val_mcc"]
     assert float(row[1]) == pytest.approx(best_lora, abs=1e-4)
     assert float(row[2]) == pytest.approx(metrics["epochs"][0]["val_mcc"], abs=1e-4)
+
+
+def test_bench_lora_on_a_base_times_like_against_peft(encoder, tmp_path_factory, capsys):
+    """`bench.py lora --base DIR`: ours and transformers + peft train the same
+    parameters (adapters on the same layers, the same head) over the same number of
+    sentences; ours in length-grouped batches, so fewer padded token slots."""
+    import bench
+    bench.main(["lora", "--base", encoder, "--data-dir", str(subset_dir(tmp_path_factory)), "--max-steps", "3",
+                "--batch-size", "8"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["bench"] == "lora" and result["base"] == os.path.abspath(encoder)
+    trained = result["trained_parameters"]
+    assert trained["ours"] == trained["reference"] > 0
+    assert result["sentences"]["ours"] == result["sentences"]["reference"] == 24
+    assert result["token_slots"]["ours"] <= result["token_slots"]["reference"]
+    assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])
+    assert "x transformers + peft" in out
+
+
+def test_the_recipe_defaults_follow_the_base(encoder, tiny_ckpt):
+    """Epochs, batch size, lr, rank and alpha not given take the encoder recipe for a
+    --base encoder, GPT-2's for GPT-2 (--weights or a GPT-2 --base); given ones stay."""
+    import run
+    parser = run.build_parser()
+
+    def resolved(*flags):
+        args = parser.parse_args(["LoRA", *flags])
+        run.validate_training_flags(args)
+        return {name: getattr(args, name) for name in run.GPT2_RECIPE}
+    assert resolved("--base", encoder) == hf_lora.ENCODER_RECIPE
+    assert resolved("--base", encoder, "--batch-size", "16", "--lora-rank", "2") == {
+        **hf_lora.ENCODER_RECIPE, "batch_size": 16, "lora_rank": 2}
+    gpt2 = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lora_rank": 4, "lora_alpha": 8.0}
+    assert resolved() == resolved("--weights", tiny_ckpt.path) == resolved("--base", tiny_ckpt.path) == gpt2
+    lora_help = " ".join(parser._subparsers._group_actions[0].choices["LoRA"].format_help().split())
+    assert "rank r of the adapters (default 4 for GPT-2, 8 for a --base encoder)" in lora_help
+    assert "--batch-size BATCH_SIZE default 128 for GPT-2, 32 for a --base encoder" in lora_help
+
+
+def test_two_gloo_processes_train_an_encoder_as_one_does(tmp_path_factory, tmp_path, encoder):
+    """torchrun (2 gloo processes on the CPU) of `LoRA --base`: DDP over the frozen
+    encoder with adapters and head gives the one-process run up to rounding."""
+    from test_repro import assert_same_run_up_to_rounding, torchrun, torchrun_stderr
+    argv = ["LoRA", "--base", encoder, "--data-dir", subset_dir(tmp_path_factory), "--epochs", 2, "--lr", "5e-3",
+            "--batch-size", 16, "--dtype", "float32", *common(tmp_path)]
+    run_ok(*argv, "--out-dir", tmp_path / "one")
+    err, = torchrun_stderr(torchrun([*argv, "--out-dir", tmp_path / "two"], tmp_path / "cwd"))
+    assert err.count("epoch 2/2:") == 1  # rank 0 alone speaks
+    assert_same_run_up_to_rounding(str(tmp_path / "one"), str(tmp_path / "two"))

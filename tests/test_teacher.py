@@ -225,3 +225,41 @@ def test_teacher_by_hub_id_from_the_local_cache(tiny_bert, tmp_path, tmp_path_fa
     assert len(os.listdir(user_cache / "gpt2-lora-distil" / "teacher_logits")) == 1
     code, stdout, err = cli(capsys, *argv, "--teacher", "someone/not-cached", "--overwrite")
     assert_error(code, stdout, err, "someone/not-cached", "HF_HUB_OFFLINE", "--teacher DIR")
+
+
+def test_bench_predict_times_a_hugging_face_teacher_with_its_own_tokenizer(tiny_bert, tmp_path):
+    """bench.py predict's teacher row with --teacher DIR: the teacher's parameters,
+    its weights' float16 bytes, and rates from timing every sentence."""
+    import argparse
+
+    import bench
+    from distil import HFTeacher
+    from transformers import AutoModelForSequenceClassification
+    args = argparse.Namespace(teacher=tiny_bert, repeats=1, single_sentences=3)
+    sentences = ["the cat sat on the mat .", "who ?", "john seems happy .", "colorless green ideas sleep ."]
+    name, row = bench.hf_teacher_row(args, sentences, torch.device("cpu"), str(tmp_path))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    assert name == f"HF teacher ({os.path.basename(tiny_bert)})"
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert row["mb"] == pytest.approx(2 * row["params"] / 2 ** 20, rel=0.05)  # float16, as its files hold it
+    assert row["sentences_per_s"] > 0 and row["ms_batch1"] > 0
+    assert HFTeacher(tiny_bert).model.dtype == torch.float32  # timed as distil runs it
+
+
+def test_bench_predict_without_a_teacher_times_the_minilm_shape(tmp_path, monkeypatch):
+    import argparse
+
+    import bench
+    from transformers import BertForSequenceClassification
+    built = []
+    original = BertForSequenceClassification.__init__
+
+    def spy(self, config, *a, **k):
+        built.append(config)
+        original(self, config, *a, **k)
+    monkeypatch.setattr(BertForSequenceClassification, "__init__", spy)
+    args = argparse.Namespace(teacher=None, repeats=1, single_sentences=1)
+    name, row = bench.hf_teacher_row(args, ["who ?", "the cat sat ."], torch.device("cpu"), str(tmp_path))
+    assert name == "MiniLM-shaped teacher" and len(built) == 1
+    assert {k: getattr(built[0], k) for k in bench.MINILM_SHAPE} == bench.MINILM_SHAPE
+    assert 22_000_000 < row["params"] < 23_000_000  # all-MiniLM-L6-v2 with a 2-label head: 22.7M
