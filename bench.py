@@ -335,7 +335,8 @@ def bench_lora(args):
 
 def bench_lora_base(args):
     """One CoLA epoch (or --max-steps batches) of LoRA on a Hugging Face encoder
-    (--base), ours (`run.py LoRA --base`: length-grouped batches) against
+    (--base) with run.py's recipe for it (rank, alpha, batch, lr), ours (`run.py LoRA
+    --base`: length-grouped batches) against
     transformers + peft on the same base, targets, rank and head, batched as their
     users batch it (random order, padded per batch to its longest sentence, attention
     mask): same optimiser, clipping and precision (--dtype auto's)."""
@@ -348,11 +349,12 @@ def bench_lora_base(args):
     from train_utils import TrainConfig, autocast_for, make_training, resolve_precision, tf32_products, train_epoch
     from utils import TokenizedSplit, load_cola
     device = torch.device(args.device)
-    batch_size = args.batch_size or 32
+    batch_size = args.batch_size or hf_lora.ENCODER_RECIPE["batch_size"]
     base = hf_lora.check_base(args.base)
     if base.model_type == "gpt2":
         sys.exit(f"bench: --base {args.base} is GPT-2; bench.py lora --shape times GPT-2")
-    cfg = LoRAConfig(targets=base.targets)
+    recipe = hf_lora.ENCODER_RECIPE  # what `run.py LoRA --base` trains by default
+    cfg = LoRAConfig(rank=recipe["lora_rank"], alpha=recipe["lora_alpha"], targets=base.targets)
     torch.manual_seed(0)
     ours, tokens = hf_lora.lora_classifier(base, cfg)
     train, _ = load_cola(args.data_dir)
@@ -361,16 +363,10 @@ def bench_lora_base(args):
     if args.max_steps:
         steps = min(steps, args.max_steps)
     precision = resolve_precision(device, "auto")
-    train_cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+    train_cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=recipe["lr"])
     batches = train_set.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))[:steps]
     ours.to(device)
-    train_epoch(ours, batches[:2], make_training(ours, train_cfg, 2), device, precision=precision)  # warm-up
     training = make_training(ours, train_cfg, steps)
-    sync(device)
-    start = time.perf_counter()
-    train_epoch(ours, batches, training, device, precision=precision, grad_clip=train_cfg.grad_clip)
-    sync(device)
-    t_ours = time.perf_counter() - start
 
     torch.manual_seed(0)
     wrapped = [name for name in hf_lora.encoder_linears(ours.hf) if isinstance(ours.hf.get_submodule(name),
@@ -384,25 +380,36 @@ def bench_lora_base(args):
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
     ref_batches = [train_set.make_batch(order[i:i + batch_size])
                    for i in range(0, min(len(order), steps * batch_size), batch_size)]
-    def reference_steps(batches):
-        for batch in batches:
-            mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
-            with autocast_for(device, precision):
-                loss = reference(input_ids=batch.idx.to(device), attention_mask=mask.to(device),
-                                 labels=batch.labels.to(device)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref_params, train_cfg.grad_clip)
-            optimizer.step()
-            loss.item()
 
-    with tf32_products(precision):
-        reference_steps(ref_batches[:2])  # warm-up
+    def ours_steps(chunk):
+        train_epoch(ours, chunk, training, device, precision=precision, grad_clip=train_cfg.grad_clip)
+
+    def reference_steps(chunk):
+        with tf32_products(precision):
+            for batch in chunk:
+                mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
+                with autocast_for(device, precision):
+                    loss = reference(input_ids=batch.idx.to(device), attention_mask=mask.to(device),
+                                     labels=batch.labels.to(device)).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ref_params, train_cfg.grad_clip)
+                optimizer.step()
+                loss.item()
+
+    def seconds(fn, chunk):
         sync(device)
         start = time.perf_counter()
-        reference_steps(ref_batches)
+        fn(chunk)
         sync(device)
-    t_ref = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    train_epoch(ours, batches[:2], make_training(ours, train_cfg, 2), device, precision=precision)  # warm-ups
+    reference_steps(ref_batches[:2])
+    t_ours = t_ref = 0.0
+    for i in range(0, steps, 10):  # in turns, 10 steps each, so that drifting load hits both alike
+        t_ours += seconds(ours_steps, batches[i:i + 10])
+        t_ref += seconds(reference_steps, ref_batches[i:i + 10])
 
     n_ours, n_ref = sum(len(b.labels) for b in batches), sum(len(b.labels) for b in ref_batches)
     slots_ours, slots_ref = sum(b.idx.numel() for b in batches), sum(b.idx.numel() for b in ref_batches)
