@@ -43,9 +43,16 @@ class Parser(argparse.ArgumentParser):
             mode = modes.get(next(iter(getattr(self, "seen", [])), None))
             aliases = {typed: meant for typed, meant in FLAG_ALIASES.items()
                        if mode is None or meant in mode._option_string_actions}
+            own = set(mode._option_string_actions) if mode is not None else flags
             for unknown in message.split(":", 1)[1].split():
-                if unknown.startswith("--"):
-                    hint = hint or close_match(unknown.split("=")[0], flags, aliases)
+                name = dashed(unknown.split("=")[0])
+                if not unknown.startswith("--") or hint:
+                    continue
+                elsewhere = sorted(m for m, p in modes.items() if name in p._option_string_actions)
+                if mode is not None and elsewhere:  # a flag of other modes: nothing to correct in its spelling
+                    hint = f"; {name} is a flag of {', '.join(elsewhere)}, not of {mode.prog.split()[-1]}"
+                else:
+                    hint = close_match(name, own, aliases)
         raise UserError(f"{message}{hint} (see python {self.prog} --help)")
 
     def all_parsers(self):

@@ -274,6 +274,13 @@ def test_a_flag_is_suggested_by_meaning_only_where_the_mode_has_it(capsys):
     assert "did you mean --batch-size?" in line
 
 
+def test_a_flag_of_other_modes_is_named_as_theirs_not_suggested_as_itself(capsys):
+    line = assert_error(*cli(capsys, "compare", "a", "b", "--no-plots"), "unrecognized arguments")
+    assert "--no-plots is a flag of LoRA, distil, rnn, not of compare" in line and "did you mean" not in line
+    line = assert_error(*cli(capsys, "gen", "--lora_rank", "3"), "unrecognized arguments")
+    assert "--lora-rank is a flag of LoRA, not of gen" in line
+
+
 # ---------------------------------------------------------------------------
 # The run directory's lock
 # ---------------------------------------------------------------------------
