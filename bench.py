@@ -416,9 +416,10 @@ def bench_lora_base(args):
     trained = {"ours": sum(p.numel() for p in ours.parameters() if p.requires_grad), "reference": sum(
         p.numel() for p in ref_params)}
     print(f"device: {device_name(device)}")
+    span = "full epoch" if len(batches) == math.ceil(len(train_set) / batch_size) else "slice of an epoch"
     print(f"LoRA r={cfg.rank} on {','.join(base.targets)} of {base.source} ({base.model_type}), head trained, "
-          f"batch {batch_size}, {len(batches)} steps ({'full epoch' if len(batches) == math.ceil(len(train_set) / batch_size) else 'slice of an epoch'}), "
-          f"{precision}; {trained['ours']:,} parameters trained (peft: {trained['reference']:,})")
+          f"batch {batch_size}, {len(batches)} steps ({span}), {precision}; {trained['ours']:,} parameters "
+          f"trained (peft: {trained['reference']:,})")
     print(f"transformers + peft (random batches padded to their longest): {n_ref / t_ref:.1f} sentences/s, "
           f"{slots_ref} token slots")
     print(f"ours (length-grouped batches): {n_ours / t_ours:.1f} sentences/s, {slots_ours} token slots; "
@@ -665,6 +666,9 @@ def bench_predict(args):
     from train_utils import infer
     from utils import TokenizedSplit, load_cola, save_tensors
     device = torch.device(args.device)
+    if args.teacher:
+        from distil import HFTeacher
+        HFTeacher(args.teacher)  # a bad --teacher fails now, not after the other rows
     _, val = load_cola(args.data_dir, "in")
     split = TokenizedSplit.of_texts(val.sentences, source="dev")
     single = TokenizedSplit.of_texts(val.sentences[:args.single_sentences], source="dev")
@@ -772,7 +776,13 @@ def main(argv=None):
     p.add_argument("--out-dir", help="finetune-reference: where metrics.json and the best model go")
     p.add_argument("--epochs", type=int, default=None, help="finetune-reference: epochs (default 4)")
     args = p.parse_args(argv)
-    result = BENCHES[args.bench](args)
+    from checkpoints import CheckpointError
+    from utils import UserError
+    try:
+        result = BENCHES[args.bench](args)
+    except (UserError, CheckpointError) as e:  # a bad --base or --teacher: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
 
 

@@ -412,3 +412,12 @@ def test_two_gloo_processes_train_an_encoder_as_one_does(tmp_path_factory, tmp_p
     err, = torchrun_stderr(torchrun([*argv, "--out-dir", tmp_path / "two"], tmp_path / "cwd"))
     assert err.count("epoch 2/2:") == 1  # rank 0 alone speaks
     assert_same_run_up_to_rounding(str(tmp_path / "one"), str(tmp_path / "two"))
+
+
+def test_bench_refuses_a_bad_base_or_teacher_in_one_line_before_any_timing(tmp_path, capsys):
+    import bench
+    assert bench.main(["lora", "--base", str(tmp_path / "none")]) == 2
+    assert bench.main(["predict", "--teacher", str(tmp_path)]) == 2  # no config.json: refused before any row
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 2 and "Traceback" not in err
+    assert f"--base {tmp_path / 'none'} does not exist" in err and f"{tmp_path}/config.json is missing" in err
