@@ -206,6 +206,33 @@ def lora_step_flop(batches, cfg):
     return flop
 
 
+def peft_batches(train_set, batch_size, steps):
+    """The reference's batches as transformers + peft users make them: a random order
+    (seed 0), each batch padded to its longest sentence, with its attention mask:
+    (idx, mask, labels) for each of the first steps."""
+    from hf_lora import attention_mask
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [train_set.make_batch(order[i:i + batch_size])
+               for i in range(0, min(len(order), steps * batch_size), batch_size)]
+    return [(b.idx, attention_mask(b.idx, b.lengths), b.labels) for b in batches]
+
+
+def peft_steps(reference, optimizer, params, batches, device, precision, grad_clip):
+    """Training steps of a peft model over (idx, mask, labels) batches: the forward
+    in precision, then zero_grad, backward, clipping and the optimizer's step."""
+    from train_utils import autocast_for, tf32_products
+    with tf32_products(precision):
+        for idx, mask, labels in batches:
+            with autocast_for(device, precision):
+                loss = reference(input_ids=idx.to(device), attention_mask=mask.to(device),
+                                 labels=labels.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            loss.item()
+
+
 def bench_lora(args):
     """One epoch (or --max-steps batches) of CoLA, --shape (gpt2) with random weights,
     rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj, batch 32: ours in every precision
@@ -222,8 +249,8 @@ def bench_lora(args):
 
     from model import GPT, LORA_TARGETS, PRESETS, GPTClassifier, GPTConfig, add_lora, set_trainable, \
         store_frozen_in_bf16
-    from train_utils import (COMPILE_PAD_TO, TrainConfig, autocast_for, batch_shapes, compile_limits, compile_model,
-                             make_training, precision_of, resolve_precision, tf32_products, train_epoch)
+    from train_utils import (COMPILE_PAD_TO, TrainConfig, batch_shapes, compile_limits, compile_model, make_training,
+                             precision_of, resolve_precision, train_epoch)
     device = torch.device(args.device)
     batch_size = args.batch_size or 32
     train_set, _ = cola_train(args)
@@ -279,23 +306,9 @@ def bench_lora(args):
     reference.train()
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     ref_optimizer = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.01)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
-    ref_batches = []
-    for i in range(0, min(len(order), steps * batch_size), batch_size):
-        batch = train_set.make_batch(order[i:i + batch_size])
-        mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
-        ref_batches.append((batch.idx, mask, batch.labels))
+    ref_batches = peft_batches(train_set, batch_size, steps)
     start = time.perf_counter()
-    with tf32_products(auto):
-        for idx, mask, labels in ref_batches:
-            with autocast_for(device, auto):
-                loss = reference(input_ids=idx.to(device), attention_mask=mask.to(device),
-                                 labels=labels.to(device)).loss
-            ref_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
-            ref_optimizer.step()
-            loss.item()
+    peft_steps(reference, ref_optimizer, ref_params, ref_batches, device, auto, cfg.grad_clip)
     sync(device)
     t_ref = time.perf_counter() - start
     n_ref = sum(len(b[2]) for b in ref_batches)
@@ -346,7 +359,7 @@ def bench_lora_base(args):
 
     import hf_lora
     from model import LoRAConfig
-    from train_utils import TrainConfig, autocast_for, make_training, resolve_precision, tf32_products, train_epoch
+    from train_utils import TrainConfig, make_training, resolve_precision, train_epoch
     from utils import TokenizedSplit, load_cola
     device = torch.device(args.device)
     batch_size = args.batch_size or hf_lora.ENCODER_RECIPE["batch_size"]
@@ -377,25 +390,13 @@ def bench_lora_base(args):
     reference.train()
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(ref_params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
-    ref_batches = [train_set.make_batch(order[i:i + batch_size])
-                   for i in range(0, min(len(order), steps * batch_size), batch_size)]
+    ref_batches = peft_batches(train_set, batch_size, steps)
 
     def ours_steps(chunk):
         train_epoch(ours, chunk, training, device, precision=precision, grad_clip=train_cfg.grad_clip)
 
     def reference_steps(chunk):
-        with tf32_products(precision):
-            for batch in chunk:
-                mask = (torch.arange(batch.idx.size(1))[None, :] < batch.lengths[:, None]).long()
-                with autocast_for(device, precision):
-                    loss = reference(input_ids=batch.idx.to(device), attention_mask=mask.to(device),
-                                     labels=batch.labels.to(device)).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(ref_params, train_cfg.grad_clip)
-                optimizer.step()
-                loss.item()
+        peft_steps(reference, optimizer, ref_params, chunk, device, precision, train_cfg.grad_clip)
 
     def seconds(fn, chunk):
         sync(device)
@@ -411,8 +412,8 @@ def bench_lora_base(args):
         t_ours += seconds(ours_steps, batches[i:i + 10])
         t_ref += seconds(reference_steps, ref_batches[i:i + 10])
 
-    n_ours, n_ref = sum(len(b.labels) for b in batches), sum(len(b.labels) for b in ref_batches)
-    slots_ours, slots_ref = sum(b.idx.numel() for b in batches), sum(b.idx.numel() for b in ref_batches)
+    n_ours, n_ref = sum(len(b.labels) for b in batches), sum(len(labels) for _, _, labels in ref_batches)
+    slots_ours, slots_ref = sum(b.idx.numel() for b in batches), sum(idx.numel() for idx, _, _ in ref_batches)
     trained = {"ours": sum(p.numel() for p in ours.parameters() if p.requires_grad), "reference": sum(
         p.numel() for p in ref_params)}
     print(f"device: {device_name(device)}")
@@ -600,6 +601,17 @@ MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_
                     intermediate_size=1536, max_position_embeddings=512)  # all-MiniLM-L6-v2's config.json
 
 
+def predict_rates(model, split, single, repeats, device):
+    """predict's path (train_utils.infer over length-sorted batches) timed: sentences/s
+    at batch 64 and ms per sentence at batch 1, best of repeats, and the parameters."""
+    from train_utils import infer
+    infer(model, split.batches(64)[:2], device)  # warm-up
+    batched = best_of(repeats, lambda: infer(model, split.batches(64), device), device)
+    one = best_of(repeats, lambda: infer(model, single.batches(1), device), device)
+    return {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
 def hf_teacher_row(args, sentences, device, tmp):
     """The Hugging Face teacher through transformers, as distil labels with it
     (float32, attention mask, length-sorted batches; tokenizing not timed, as for the
@@ -607,51 +619,36 @@ def hf_teacher_row(args, sentences, device, tmp):
     random weights) reading each sentence's GPT-2 tokens between [CLS] and [SEP]
     (about as many as its WordPiece tokens). Size on disk: its weights in float16, as
     the shared MiniLM teacher's files hold them."""
+    import types
+
     from transformers.utils import logging
 
     from distil import HFTeacher
-    from utils import GPT2_TOKENS
+    from hf_lora import ClassifierTokens, HFClassifier, max_len_of
+    from utils import GPT2_TOKENS, Split, TokenizedSplit
     logging.disable_progress_bar()
     if args.teacher:
         teacher = HFTeacher(args.teacher)
         model, name = teacher.model, f"HF teacher ({os.path.basename(os.path.normpath(args.teacher))})"
-        ids = teacher.tokenizer(list(sentences), truncation=True)["input_ids"]
-        pad = teacher.tokenizer.pad_token_id or 0
+        tokens = ClassifierTokens(teacher.tokenizer, max_len_of(teacher.tokenizer, model.config))
+        ids = tokens.encode(sentences)
     else:
         from transformers import BertConfig, BertForSequenceClassification
         torch.manual_seed(0)
         model, name = BertForSequenceClassification(BertConfig(num_labels=2, **MINILM_SHAPE)), "MiniLM-shaped teacher"
         ids = [[101, *(t % MINILM_SHAPE["vocab_size"] for t in tokens), 102]
                for tokens in GPT2_TOKENS.encode(sentences)]
-        pad = 0
-    model = model.float().eval().to(device)
-
-    def batches(rows, size):
-        order = sorted(rows, key=lambda i: len(ids[i]))
-        out = []
-        for start in range(0, len(order), size):
-            chunk = [ids[i] for i in order[start:start + size]]
-            width = max(map(len, chunk))
-            idx = torch.tensor([t + [pad] * (width - len(t)) for t in chunk])
-            mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in chunk])
-            out.append((idx.to(device), mask.to(device)))
-        return out
-
-    @torch.inference_mode()
-    def logits(batched):
-        return [model(input_ids=idx, attention_mask=mask).logits for idx, mask in batched]
-
-    batched, one = batches(range(len(ids)), 64), batches(range(min(args.single_sentences, len(ids))), 1)
-    logits(batched[:2])  # warm-up
-    seconds_64 = best_of(args.repeats, lambda: logits(batched), device)
-    seconds_1 = best_of(args.repeats, lambda: logits(one), device)
+        tokens = types.SimpleNamespace(pad_id=0)  # BERT's [PAD]; the ids are made above
+    classifier = HFClassifier(model.float(), model.config.max_position_embeddings).eval().to(device)
+    n = min(args.single_sentences, len(ids))
+    split, single = (TokenizedSplit(Split(list(sentences[:k]), [0] * k, "dev"), classifier.max_len, tokens=ids[:k],
+                                    tokenizer=tokens) for k in (len(ids), n))
+    row = predict_rates(classifier, split, single, args.repeats, device)
     saved = os.path.join(tmp, "hf_teacher")
     model.half().save_pretrained(saved)
     model.float()
-    return name, {"sentences_per_s": len(ids) / seconds_64, "ms_batch1": 1000 * seconds_1 / len(one),
-                  "params": sum(p.numel() for p in model.parameters()),
-                  "mb": sum(os.path.getsize(os.path.join(saved, f)) for f in os.listdir(saved)
-                            if f.endswith((".safetensors", ".bin"))) / 2 ** 20}
+    return name, {**row, "mb": sum(os.path.getsize(os.path.join(saved, f)) for f in os.listdir(saved)
+                                   if f.endswith((".safetensors", ".bin"))) / 2 ** 20}
 
 
 def bench_predict(args):
@@ -663,7 +660,6 @@ def bench_predict(args):
     MiniLM teacher through transformers is a row too (hf_teacher_row: --teacher DIR,
     or its shape with random weights)."""
     from model import GPT, PRESETS, DistilRNN, GPTClassifier, GPTConfig, RNNConfig, add_lora, merge_lora
-    from train_utils import infer
     from utils import TokenizedSplit, load_cola, save_tensors
     device = torch.device(args.device)
     if args.teacher:
@@ -672,9 +668,6 @@ def bench_predict(args):
     _, val = load_cola(args.data_dir, "in")
     split = TokenizedSplit.of_texts(val.sentences, source="dev")
     single = TokenizedSplit.of_texts(val.sentences[:args.single_sentences], source="dev")
-
-    def predict_logits(model, batches, device):
-        return infer(model, batches, device)[0]
 
     def teacher(preset):
         torch.manual_seed(0)
@@ -688,13 +681,10 @@ def bench_predict(args):
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in models.items():
             model = make().to(device)
-            predict_logits(model, split.batches(64)[:2], device)  # warm-up
-            batched = best_of(args.repeats, lambda: predict_logits(model, split.batches(64), device), device)
-            one = best_of(args.repeats, lambda: predict_logits(model, single.batches(1), device), device)
             path = os.path.join(tmp, "model.safetensors")
             save_tensors(path, model.state_dict())
-            rows[name] = {"sentences_per_s": len(split) / batched, "ms_batch1": 1000 * one / len(single),
-                          "params": sum(p.numel() for p in model.parameters()), "mb": os.path.getsize(path) / 2 ** 20}
+            rows[name] = {**predict_rates(model, split, single, args.repeats, device),
+                          "mb": os.path.getsize(path) / 2 ** 20}
         hf_name, row = hf_teacher_row(args, val.sentences, device, tmp)
         rows[hf_name] = row
         if device.type == "cpu":  # onnxruntime's CPU provider: the deployment target

@@ -209,8 +209,13 @@ class HFClassifier(nn.Module):
         self.hf, self.max_len = hf, max_len
 
     def forward(self, idx, lengths):
-        mask = (torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]).long()
-        return self.hf(input_ids=idx, attention_mask=mask).logits
+        return self.hf(input_ids=idx, attention_mask=attention_mask(idx, lengths)).logits
+
+
+def attention_mask(idx, lengths):
+    """transformers' attention mask of right-padded rows: 1 on each row's first
+    length tokens, 0 on its padding."""
+    return (torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]).long()
 
 
 def load_tokenizer(directory):
