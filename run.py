@@ -1,4 +1,4 @@
-"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval|export|tune-report|compare ...
+"""Command line: python run.py gen|LoRA|rnn|distil|predict|eval|export|tune-report|compare|teacher-curve ...
 
 The only place that sees the flags: it parses them, validates every one before any
 file is read, turns them into typed configs (each default set once, in its
@@ -191,6 +191,12 @@ def build_parser():
     compare.add_argument("run_b", metavar="DIR_B", help="the same for the other side; B - A is reported")
     compare.add_argument("--plots-dir", default=COMPARE_PLOTS_DIR,
                          help=f"where its plot goes (default {COMPARE_PLOTS_DIR})")
+    curve = modes_.add_parser("teacher-curve", help="the student's best validation MCC against its teacher's: "
+                                                    "one point per distil seed sweep, its share and the slope")
+    curve.add_argument("sweeps", nargs="+", metavar="DIR",
+                       help="a seed sweep of distil --teacher X (--tune \"seed=0,1,2\"), one per teacher")
+    curve.add_argument("--plots-dir", default=COMPARE_PLOTS_DIR,
+                       help=f"where teacher_curve.png goes (default {COMPARE_PLOTS_DIR})")
     return parser
 
 
@@ -625,8 +631,14 @@ def run_compare(args):
     return tune.run_compare(args)
 
 
+def run_teacher_curve(args):
+    check_path("--plots-dir", args.plots_dir, "dir", write=True)
+    return tune.run_teacher_curve(args)
+
+
 RUNNERS = {"gen": run_gen, "predict": run_predict, "eval": run_eval, "export": run_export, "LoRA": run_training,
-           "rnn": run_training, "distil": run_training, "tune-report": run_tune_report, "compare": run_compare}
+           "rnn": run_training, "distil": run_training, "tune-report": run_tune_report, "compare": run_compare,
+           "teacher-curve": run_teacher_curve}
 TRAINING_MODES = ("LoRA", "rnn", "distil")
 
 

@@ -298,6 +298,55 @@ def run_compare(args):
     return result
 
 
+# ---------------------------------------------------------------------------
+# teacher-curve
+# ---------------------------------------------------------------------------
+
+def run_teacher_curve(args):
+    """The student's best validation MCC against its teacher's: one point per seed
+    sweep of distil (one teacher each), mean +- std over its seeds and the share of
+    the teacher's MCC; the least-squares slope of the means over the teachers (1: the
+    student gains what the teacher gains; 0: it is capped); and a plot."""
+    points = []
+    for path in args.sweeps:
+        runs = runs_by_seed(path)
+        if not runs:
+            raise UserError(f"{path}: no run has finished all its epochs yet")
+        teacher = next(iter(runs.values())).get("teacher") or {}
+        if teacher.get("val_mcc") is None:
+            raise UserError(f"{path} has no teacher's validation MCC in its metrics.json; teacher-curve takes "
+                            "sweeps of distil --teacher DIR (--tune \"seed=0,1,2\")")
+        seeds = sorted(runs)
+        mcc = [best_record(runs[s])["val_mcc"] for s in seeds]
+        mean, std = mean_std(mcc)
+        points.append({"sweep": str(path), "teacher": teacher.get("source", "?"), "teacher_mcc": teacher["val_mcc"],
+                       "seeds": seeds, "val_mcc": mcc, "mean": mean, "std": std,
+                       "share": mean / teacher["val_mcc"] if teacher["val_mcc"] else float("nan")})
+    points.sort(key=lambda p: p["teacher_mcc"])
+    print(f"{'teacher MCC':>11}  {'n':>2}  {'student MCC (mean ± std)':>24}  {'share':>5}  sweep (teacher)")
+    for p in points:
+        print(f"{p['teacher_mcc']:11.4f}  {len(p['seeds']):>2}  {p['mean']:13.4f} ± {p['std']:.4f}  "
+              f"{p['share']:5.0%}  {p['sweep']} ({p['teacher']})")
+    slope = curve_slope([p["teacher_mcc"] for p in points], [p["mean"] for p in points])
+    if slope is None:
+        print("slope: needs two teachers of different MCC")
+    else:
+        print(f"slope of the student's mean MCC over the teacher's: {slope:+.2f} (1: it tracks its teacher; "
+              "0: it is capped)")
+    path = os.path.join(args.plots_dir, "teacher_curve.png")
+    plot_teacher_curve(points, path)
+    info(f"wrote {path}")
+    return {"points": points, "slope": slope}
+
+
+def curve_slope(x, y):
+    """Least-squares slope of y over x; None without two distinct x."""
+    if len(set(x)) < 2:
+        return None
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
 # What makes a student: how metrics.json's "student" record and its args name it, and how a warning names it
 STUDENT_SETTINGS = (("tokenizer", "student", "vocab_size", "{} tokens"),
                     ("starting vectors", "student", "init_embeddings", "{}"),
@@ -390,5 +439,27 @@ def plot_compare(seeds, mcc_a, mcc_b, name_a, name_b, teacher_mcc, path):
     ax.set_ylabel("best validation MCC")
     ax.set_title(f"{len(seeds)} paired seed(s)")
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(plt, fig, path)
+
+
+def plot_teacher_curve(points, path):
+    """Student MCC (mean +- std over seeds) against the teacher's, with the teacher's
+    own line (share 100%) and 80% of it."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    x = [p["teacher_mcc"] for p in points]
+    ax.errorbar(x, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
+                linestyle="none", label="student (mean ± std)")
+    for p in points:
+        ax.annotate(f"n={len(p['seeds'])}", (p["teacher_mcc"], p["mean"]), textcoords="offset points",
+                    xytext=(5, -12), fontsize="small")
+    low, high = min(x) - 0.02, max(x) + 0.02
+    ax.plot([low, high], [low, high], "--", color="tab:red", label="the teacher (100%)")
+    ax.plot([low, high], [0.8 * low, 0.8 * high], ":", color="0.5", label="80% of the teacher")
+    ax.set_xlabel("teacher's validation MCC")
+    ax.set_ylabel("student's best validation MCC")
+    ax.set_title(f"{len(points)} teacher(s)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     save_figure(plt, fig, path)

@@ -287,3 +287,30 @@ def test_a_sweep_takes_flags_of_several_words_in_either_spelling():
         ("lora_rank", ["4", "8"], "lora_rank"), ("batch_size", ["16"], "batch_size"), ("lora_alpha", ["8"], "lora_alpha")]
     with pytest.raises(UserError, match="lora_ranks"):
         tune.parse_grid("lora_ranks=4", lora, run.RUN_CONTROL)
+
+
+def test_teacher_curve_gives_each_teachers_point_and_the_slope(tmp_path, capsys):
+    weak = sweep(tmp_path, "distil-weak", MCC_A, ACC_A, mode="distil", teacher_mcc=0.2)
+    strong = sweep(tmp_path, "distil-strong", MCC_B, ACC_B, mode="distil", teacher_mcc=0.4)
+    code, out, err = cli(capsys, "teacher-curve", strong, weak, "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [float(r[0]) for r in rows] == [0.2, 0.4]  # sorted by the teacher's MCC
+    for row, mccs, teacher in ((rows[0], MCC_A, 0.2), (rows[1], MCC_B, 0.4)):
+        assert int(row[1]) == 5
+        assert row[2:5] == [f"{statistics.mean(mccs):.4f}", "±", f"{statistics.stdev(mccs):.4f}"]
+        assert row[5] == f"{statistics.mean(mccs) / teacher:.0%}"
+    slope = (statistics.mean(MCC_B) - statistics.mean(MCC_A)) / (0.4 - 0.2)
+    assert f"teacher's: {slope:+.2f}" in out
+    with open(tmp_path / "plots" / "teacher_curve.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    code, out, err = cli(capsys, "teacher-curve", weak, "--plots-dir", tmp_path / "plots")
+    assert code == 0 and "needs two teachers" in out
+
+
+def test_teacher_curve_refuses_a_sweep_without_a_teacher(tmp_path, capsys):
+    labels_only = sweep(tmp_path, "rnn", MCC_A, ACC_A)
+    code, out, err = cli(capsys, "teacher-curve", labels_only, "--plots-dir", tmp_path / "plots")
+    assert_error(code, out, err, "no teacher's validation MCC", "distil --teacher")
+    code, out, err = cli(capsys, "teacher-curve", tmp_path / "missing", "--plots-dir", tmp_path / "plots")
+    assert_error(code, out, err, "not a directory")
