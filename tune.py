@@ -452,7 +452,8 @@ def plot_teacher_curve(points, path):
     ax.errorbar(x, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
                 linestyle="none", label="student (mean ± std)")
     for p in points:
-        ax.annotate(f"n={len(p['seeds'])}", (p["teacher_mcc"], p["mean"]), textcoords="offset points",
+        name = os.path.basename(os.path.normpath(p["sweep"]))
+        ax.annotate(f"{name} (n={len(p['seeds'])})", (p["teacher_mcc"], p["mean"]), textcoords="offset points",
                     xytext=(5, -12), fontsize="small")
     low, high = min(x) - 0.02, max(x) + 0.02
     ax.plot([low, high], [low, high], "--", color="tab:red", label="the teacher (100%)")
