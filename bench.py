@@ -367,7 +367,8 @@ def bench_lora_base(args):
     if base.model_type == "gpt2":
         sys.exit(f"bench: --base {args.base} is GPT-2; bench.py lora --shape times GPT-2")
     recipe = hf_lora.ENCODER_RECIPE  # what `run.py LoRA --base` trains by default
-    cfg = LoRAConfig(rank=recipe["lora_rank"], alpha=recipe["lora_alpha"], targets=base.targets)
+    cfg = LoRAConfig(rank=recipe["lora_rank"], alpha=recipe["lora_alpha"], targets=base.targets,
+                     train_layernorm=recipe["train_layernorm"])
     torch.manual_seed(0)
     ours, tokens = hf_lora.lora_classifier(base, cfg)
     train, _ = load_cola(args.data_dir)
@@ -385,7 +386,7 @@ def bench_lora_base(args):
     wrapped = [name for name in hf_lora.encoder_linears(ours.hf) if isinstance(ours.hf.get_submodule(name),
                                                                              hf_lora.LoRALinear)]
     peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=wrapped, modules_to_save=hf_lora.modules_to_save(ours, False))
+                             target_modules=wrapped, modules_to_save=hf_lora.modules_to_save(ours, cfg.train_layernorm))
     reference = get_peft_model(hf_lora.load_model(base.directory), peft_config).to(device)
     reference.train()
     ref_params = [p for p in reference.parameters() if p.requires_grad]
@@ -418,7 +419,8 @@ def bench_lora_base(args):
         p.numel() for p in ref_params)}
     print(f"device: {device_name(device)}")
     span = "full epoch" if len(batches) == math.ceil(len(train_set) / batch_size) else "slice of an epoch"
-    print(f"LoRA r={cfg.rank} on {','.join(base.targets)} of {base.source} ({base.model_type}), head trained, "
+    print(f"LoRA r={cfg.rank} on {','.join(base.targets)} of {base.source} ({base.model_type}), head"
+          f"{' and LayerNorms' if cfg.train_layernorm else ''} trained, "
           f"batch {batch_size}, {len(batches)} steps ({span}), {precision}; {trained['ours']:,} parameters "
           f"trained (peft: {trained['reference']:,})")
     print(f"transformers + peft (random batches padded to their longest): {n_ref / t_ref:.1f} sentences/s, "

@@ -31,7 +31,8 @@ DEFAULT_TARGETS = {
 # LoRA's recipe on an encoder, where it differs from GPT-2's (run.py's defaults for a
 # --base of these types): measured on all-MiniLM-L6-v2 against full fine-tuning
 # (docs/results.md, "LoRA on real weights").
-ENCODER_RECIPE = {"epochs": 4, "batch_size": 32, "lr": 1e-3, "lora_rank": 8, "lora_alpha": 16.0}
+ENCODER_RECIPE = {"epochs": 4, "batch_size": 32, "lr": 1e-3, "lora_rank": 8, "lora_alpha": 16.0,
+                  "train_layernorm": True}
 # The classification head: the modules past the encoder that turn its states into two
 # logits (BERT's pooler and classifier, DistilBERT's pre_classifier and classifier,
 # RoBERTa's classifier). They are trained whole, as PEFT's modules_to_save.

@@ -6,6 +6,7 @@ dataclass), and dispatches to modes.py (training, predict, eval; gen's model is
 model.py's GPT) and tune.py (sweeps and comparisons). Every known problem becomes a
 one-line error (exit status 2).
 """
+import argparse
 import os
 import re
 import signal
@@ -109,7 +110,8 @@ def build_parser():
                       help=f"comma list of layers to adapt in every block, as the base names them (default for "
                            f"GPT-2: {','.join(LORA.targets)}; for --base, per model type: " +
                            "; ".join(f"{t}: {','.join(v)}" for t, v in hf_lora.DEFAULT_TARGETS.items()) + ")")
-    lora.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorms")
+    lora.add_argument("--train-layernorm", action=argparse.BooleanOptionalAction,
+                      help="also train the LayerNorms (--no-train-layernorm: keep them frozen)")
     defaults_by_base(lora)
 
     for mode, help_text in (("rnn", "train the DistilRNN on CoLA labels alone (the baseline)"),
@@ -203,7 +205,7 @@ def build_parser():
 # LoRA's flags whose default depends on the base: GPT-2's are the study's; a --base
 # encoder's (BERT, MiniLM, RoBERTa, DistilBERT) are hf_lora.ENCODER_RECIPE.
 GPT2_RECIPE = {"epochs": TRAIN.epochs, "batch_size": TRAIN.batch_size, "lr": TRAIN.lr, "lora_rank": LORA.rank,
-               "lora_alpha": LORA.alpha}
+               "lora_alpha": LORA.alpha, "train_layernorm": LORA.train_layernorm}
 
 
 def defaults_by_base(lora):
@@ -213,12 +215,14 @@ def defaults_by_base(lora):
         action = lora._option_string_actions["--" + dest.replace("_", "-")]
         action.default = None
         what = re.sub(r" ?\(?default [^)]*\)?$", "", action.help or "")
-        shown = f"default {GPT2_RECIPE[dest]:g} for GPT-2, {encoder:g} for a --base encoder"
+        gpt2, encoder = (("on" if v else "off") if isinstance(v, bool) else f"{v:g}"
+                         for v in (GPT2_RECIPE[dest], encoder))
+        shown = f"default {gpt2} for GPT-2, {encoder} for a --base encoder"
         action.help = f"{what} ({shown})" if what else shown
 
 
 def lora_recipe(args):
-    """LoRA's epochs, batch size, lr, rank and alpha as given, else the base's
+    """LoRA's epochs, batch size, lr, rank, alpha and LayerNorms as given, else the base's
     defaults: GPT-2's, or hf_lora.ENCODER_RECIPE for a --base encoder."""
     missing = [name for name in GPT2_RECIPE if getattr(args, name, None) is None]
     if args.mode != "LoRA" or not missing:

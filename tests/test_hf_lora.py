@@ -379,11 +379,11 @@ def test_bench_lora_on_a_base_times_like_against_peft(encoder, tmp_path_factory,
     assert result["sentences"]["ours"] == result["sentences"]["reference"] == 24
     assert result["token_slots"]["ours"] <= result["token_slots"]["reference"]
     assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])
-    assert "x transformers + peft" in out
+    assert "x transformers + peft" in out and "head and LayerNorms trained" in out  # the encoder recipe
 
 
 def test_the_recipe_defaults_follow_the_base(encoder, tiny_ckpt):
-    """Epochs, batch size, lr, rank and alpha not given take the encoder recipe for a
+    """Epochs, batch size, lr, rank, alpha and the LayerNorms not given take the encoder recipe for a
     --base encoder, GPT-2's for GPT-2 (--weights or a GPT-2 --base); given ones stay."""
     import run
     parser = run.build_parser()
@@ -395,11 +395,14 @@ def test_the_recipe_defaults_follow_the_base(encoder, tiny_ckpt):
     assert resolved("--base", encoder) == hf_lora.ENCODER_RECIPE
     assert resolved("--base", encoder, "--batch-size", "16", "--lora-rank", "2") == {
         **hf_lora.ENCODER_RECIPE, "batch_size": 16, "lora_rank": 2}
-    gpt2 = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lora_rank": 4, "lora_alpha": 8.0}
+    assert resolved("--base", encoder, "--no-train-layernorm")["train_layernorm"] is False
+    gpt2 = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lora_rank": 4, "lora_alpha": 8.0, "train_layernorm": False}
     assert resolved() == resolved("--weights", tiny_ckpt.path) == resolved("--base", tiny_ckpt.path) == gpt2
     lora_help = " ".join(parser._subparsers._group_actions[0].choices["LoRA"].format_help().split())
     assert "rank r of the adapters (default 4 for GPT-2, 8 for a --base encoder)" in lora_help
     assert "--batch-size BATCH_SIZE default 128 for GPT-2, 32 for a --base encoder" in lora_help
+    assert "keep them frozen) (default off for GPT-2, on for a --base encoder)" in lora_help
+    assert resolved("--train-layernorm")["train_layernorm"] is True
 
 
 def test_two_gloo_processes_train_an_encoder_as_one_does(tmp_path_factory, tmp_path, encoder):
