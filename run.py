@@ -211,13 +211,14 @@ GPT2_RECIPE = {"epochs": TRAIN.epochs, "batch_size": TRAIN.batch_size, "lr": TRA
 def defaults_by_base(lora):
     """The recipe's flags default to None (lora_recipe fills them in once the base is
     known); their help names both defaults."""
+    def spoken(value):  # a switch as on/off, a number as itself
+        return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+
     for dest, encoder in hf_lora.ENCODER_RECIPE.items():
         action = lora._option_string_actions["--" + dest.replace("_", "-")]
         action.default = None
         what = re.sub(r" ?\(?default [^)]*\)?$", "", action.help or "")
-        gpt2, encoder = (("on" if v else "off") if isinstance(v, bool) else f"{v:g}"
-                         for v in (GPT2_RECIPE[dest], encoder))
-        shown = f"default {gpt2} for GPT-2, {encoder} for a --base encoder"
+        shown = f"default {spoken(GPT2_RECIPE[dest])} for GPT-2, {spoken(encoder)} for a --base encoder"
         action.help = f"{what} ({shown})" if what else shown
 
 
