@@ -304,8 +304,8 @@ def run_compare(args):
 
 def run_teacher_curve(args):
     """The student's best validation MCC against its teacher's: one point per seed
-    sweep of distil (one teacher each), mean +- std over its seeds and the share of
-    the teacher's MCC; the least-squares slope of the means over the teachers (1: the
+    sweep of distil (one teacher each), mean +- std over its seeds, the share of
+    the teacher's MCC and how often the student agrees with its teacher; the least-squares slope of the means over the teachers (1: the
     student gains what the teacher gains; 0: it is capped); and a plot."""
     points = []
     for path in args.sweeps:
@@ -317,16 +317,23 @@ def run_teacher_curve(args):
             raise UserError(f"{path} has no teacher's validation MCC in its metrics.json; teacher-curve takes "
                             "sweeps of distil --teacher DIR (--tune \"seed=0,1,2\")")
         seeds = sorted(runs)
-        mcc = [best_record(runs[s])["val_mcc"] for s in seeds]
+        best = [best_record(runs[s]) for s in seeds]
+        mcc = [b["val_mcc"] for b in best]
         mean, std = mean_std(mcc)
+        agreement = [b["val_agreement"] for b in best if b.get("val_agreement") is not None]
         points.append({"sweep": str(path), "teacher": teacher.get("source", "?"), "teacher_mcc": teacher["val_mcc"],
                        "seeds": seeds, "val_mcc": mcc, "mean": mean, "std": std,
-                       "share": mean / teacher["val_mcc"] if teacher["val_mcc"] else float("nan")})
+                       "share": mean / teacher["val_mcc"] if teacher["val_mcc"] else float("nan"),
+                       "agreement": sum(agreement) / len(agreement) if len(agreement) == len(best) else None})
     points.sort(key=lambda p: p["teacher_mcc"])
-    print(f"{'teacher MCC':>11}  {'n':>2}  {'student MCC (mean ± std)':>24}  {'share':>5}  sweep (teacher)")
+    print(f"{'teacher MCC':>11}  {'n':>2}  {'student MCC (mean ± std)':>24}  {'share':>5}  {'agrees':>6}  "
+          "sweep (teacher)")
     for p in points:
+        agrees = "-" if p["agreement"] is None else f"{p['agreement']:.1%}"
         print(f"{p['teacher_mcc']:11.4f}  {len(p['seeds']):>2}  {p['mean']:13.4f} ± {p['std']:.4f}  "
-              f"{p['share']:5.0%}  {p['sweep']} ({p['teacher']})")
+              f"{p['share']:5.0%}  {agrees:>6}  {p['sweep']} ({p['teacher']})")
+    print("agrees: how often the student's best epoch predicts what its teacher predicts on the validation "
+          "sentences, mean over the seeds")
     slope = curve_slope([p["teacher_mcc"] for p in points], [p["mean"] for p in points])
     if slope is None:
         print("slope: needs two teachers of different MCC")

@@ -17,21 +17,25 @@ ACC_A = [0.66, 0.67, 0.65, 0.66, 0.64]
 ACC_B = [0.70, 0.71, 0.69, 0.72, 0.70]
 
 
-def write_run(path, seed, mcc, acc, mode="rnn", teacher_mcc=None, lr=1e-3):
-    """A metrics.json of 2 epochs whose best epoch (2) holds mcc and acc; epoch 1 is worse."""
+def write_run(path, seed, mcc, acc, mode="rnn", teacher_mcc=None, lr=1e-3, agreement=None):
+    """A metrics.json of 2 epochs whose best epoch (2) holds mcc and acc (and the
+    student's agreement with its teacher, if given); epoch 1 is worse."""
     os.makedirs(path, exist_ok=True)
     metrics = {"mode": mode, "args": {"seed": seed, "lr": lr, "epochs": 2, "out_dir": str(path)}, "best_epoch": 2,
                "epochs": [{"epoch": 1, "val_mcc": mcc - 0.05, "val_acc": acc - 0.01},
                           {"epoch": 2, "val_mcc": mcc, "val_acc": acc}]}
+    if agreement is not None:
+        metrics["epochs"][0]["val_agreement"], metrics["epochs"][1]["val_agreement"] = 0.5, agreement
     if teacher_mcc is not None:
         metrics["teacher"] = {"val_mcc": teacher_mcc, "val_acc": 0.75}
     with open(os.path.join(path, "metrics.json"), "w") as f:
         json.dump(metrics, f)
 
 
-def sweep(tmp_path, name, mccs, accs, **kwargs):
+def sweep(tmp_path, name, mccs, accs, agreements=None, **kwargs):
     for seed, (mcc, acc) in enumerate(zip(mccs, accs)):
-        write_run(tmp_path / name / f"seed-{seed}", seed, mcc, acc, **kwargs)
+        write_run(tmp_path / name / f"seed-{seed}", seed, mcc, acc,
+                  agreement=agreements[seed] if agreements else None, **kwargs)
     return tmp_path / name
 
 
@@ -290,7 +294,8 @@ def test_a_sweep_takes_flags_of_several_words_in_either_spelling():
 
 
 def test_teacher_curve_gives_each_teachers_point_and_the_slope(tmp_path, capsys):
-    weak = sweep(tmp_path, "distil-weak", MCC_A, ACC_A, mode="distil", teacher_mcc=0.2)
+    agreements = [0.80, 0.84, 0.86, 0.90, 0.85]
+    weak = sweep(tmp_path, "distil-weak", MCC_A, ACC_A, agreements, mode="distil", teacher_mcc=0.2)
     strong = sweep(tmp_path, "distil-strong", MCC_B, ACC_B, mode="distil", teacher_mcc=0.4)
     code, out, err = cli(capsys, "teacher-curve", strong, weak, "--plots-dir", tmp_path / "plots")
     assert code == 0, err
@@ -300,6 +305,8 @@ def test_teacher_curve_gives_each_teachers_point_and_the_slope(tmp_path, capsys)
         assert int(row[1]) == 5
         assert row[2:5] == [f"{statistics.mean(mccs):.4f}", "±", f"{statistics.stdev(mccs):.4f}"]
         assert row[5] == f"{statistics.mean(mccs) / teacher:.0%}"
+    # the best epochs' agreement with the teacher, mean over the seeds; "-" where the runs have none
+    assert rows[0][6] == f"{statistics.mean(agreements):.1%}" and rows[1][6] == "-"
     slope = (statistics.mean(MCC_B) - statistics.mean(MCC_A)) / (0.4 - 0.2)
     assert f"teacher's: {slope:+.2f}" in out
     with open(tmp_path / "plots" / "teacher_curve.png", "rb") as f:
