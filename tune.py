@@ -305,8 +305,9 @@ def run_compare(args):
 def run_teacher_curve(args):
     """The student's best validation MCC against its teacher's: one point per seed
     sweep of distil (one teacher each), mean +- std over its seeds, the share of
-    the teacher's MCC and how often the student agrees with its teacher; the least-squares slope of the means over the teachers (1: the
-    student gains what the teacher gains; 0: it is capped); and a plot."""
+    the teacher's MCC and how often the student agrees with its teacher; the
+    least-squares slope of the means over the teachers (1: the student gains what
+    the teacher gains; 0: it is capped); and a plot."""
     points = []
     for path in args.sweeps:
         runs = runs_by_seed(path)
@@ -320,11 +321,11 @@ def run_teacher_curve(args):
         best = [best_record(runs[s]) for s in seeds]
         mcc = [b["val_mcc"] for b in best]
         mean, std = mean_std(mcc)
-        agreement = [b["val_agreement"] for b in best if b.get("val_agreement") is not None]
+        agreement = [b.get("val_agreement") for b in best]  # None for runs that did not record it
         points.append({"sweep": str(path), "teacher": teacher.get("source", "?"), "teacher_mcc": teacher["val_mcc"],
                        "seeds": seeds, "val_mcc": mcc, "mean": mean, "std": std,
                        "share": mean / teacher["val_mcc"] if teacher["val_mcc"] else float("nan"),
-                       "agreement": sum(agreement) / len(agreement) if len(agreement) == len(best) else None})
+                       "agreement": None if None in agreement else mean_std(agreement)[0]})
     points.sort(key=lambda p: p["teacher_mcc"])
     print(f"{'teacher MCC':>11}  {'n':>2}  {'student MCC (mean ± std)':>24}  {'share':>5}  {'agrees':>6}  "
           "sweep (teacher)")
